@@ -1,0 +1,23 @@
+"""Triton kernels for DFlash drafting and verification (installed as ``sglang_dflash.kernels``).
+
+Every public op here has a pure-torch twin with the same signature in
+``sglang_dflash.kernels.naive``; tests compare the two on irregular shapes.
+
+Glossary (one name per concept, used everywhere in the project):
+
+- ``B`` batch (requests), ``L`` block size (16 for the published drafters), ``N`` slots
+  of a pool, ``H`` heads, ``K``/``V`` head dims of keys/values, ``D`` a head dim, ``T``
+  tokens of a flat (ragged) batch, ``E`` stop ids per request.
+- ``candidates [B, L]``: the block sent to the target for verification; column 0 is the
+  last committed token, columns 1..L-1 the drafter's proposals.
+- ``target_predict [B, L]``: the target's token for the position after each candidate.
+- ``accept_len [B]``: accepted drafts, 0..L-1 (after stop conditions are applied).
+- ``commit_len [B] = accept_len + 1``: tokens emitted by the step (accepted drafts plus
+  the bonus); also the number of block positions whose target state is kept.
+- ``bonus [B]``: the last emitted token, ``emitted[b, accept_len[b]]``.
+- ``emitted [B, L]``: the step's new tokens, ``-1`` past ``commit_len``.
+
+Kernels import only torch and triton. Under ``TRITON_INTERPRET=1`` they run on CPU
+tensors (slowly); the launchers validate shapes, dtypes and bounds because the
+interpreter never faults on an out-of-bounds access.
+"""
