@@ -1,0 +1,54 @@
+"""The `sglang-dflash` command: demo, check, bench, serve."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _add_demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=("torch", "triton"), default="torch",
+                   help="op backend: torch twins, or Triton kernels (CPU: interpreter, slow)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--block-size", type=int, default=None, help="default: the drafter's (16)")
+
+
+def _main_demo(args) -> int:
+    from .reference.demo import run_demo
+
+    return run_demo(backend=args.backend, max_new_tokens=args.max_new_tokens,
+                    block_size=args.block_size)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sglang-dflash",
+        description="DFlash block-diffusion speculative decoding for SGLang (Kimi-Linear and "
+                    "standard targets). The plugin itself needs no command: install the package "
+                    "and pass `--speculative-algorithm dflash` to `sglang serve`.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="run the bundled tiny pair through the reference DFlash loop "
+                                       "(CPU, about a minute) and check it is lossless")
+    _add_demo_args(demo)
+    demo.set_defaults(func=_main_demo)
+
+    from .check import add_check_args, main_check
+
+    check = sub.add_parser("check", help="check a drafter checkpoint (and its target) without "
+                                         "loading weights; lists every incompatibility")
+    add_check_args(check)
+    check.set_defaults(func=main_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""`sglang-dflash bench offline`: teacher-forced acceptance (tau) of a drafter on a target.
+
+The target decodes each prompt greedily; one target forward over prompt + continuation
+gives every position's features; the drafter then walks blocks through the continuation
+(no verify forward). This is the metric DFlash drafters are published with, and on the
+bundled tiny pair it reproduces the reference loop's online tau exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .backend import BACKENDS, get_ops
+from .reference.offline import acceptance_stats, teacher_forced_commit_lens
+from .reference.sampling import SamplingParams
+
+TINY = "tiny"
+
+
+def add_offline_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=TINY,
+                   help="target checkpoint dir, or 'tiny' for the bundled tiny Kimi-Linear pair "
+                        "(default). A non-tiny target loads through transformers.")
+    p.add_argument("--drafter", default=None,
+                   help="DFlash drafter checkpoint dir (default: the bundled tiny drafter)")
+    p.add_argument("--prompts", type=Path, default=None,
+                   help="JSONL file, one {\"prompt\": ...} per line (default: bundled prompts)")
+    p.add_argument("--num-prompts", type=int, default=None, help="use the first N after shuffling")
+    p.add_argument("--shuffle-seed", type=int, default=None, help="shuffle the prompts with this seed")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--block-size", type=int, default=None, help="default: the drafter's")
+    p.add_argument("--backend", choices=BACKENDS, default="torch")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the target's own modeling code (transformers targets only; "
+                        "the drafter never runs checkpoint code)")
+    p.add_argument("--out", type=Path, default=Path("out/bench_offline"),
+                   help="directory for result.json and plots")
+
+
+def _read_prompts(path: Path) -> list[str]:
+    prompts = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{path}:{n}: not JSON ({e.msg})")
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise SystemExit(f"{path}:{n}: expected an object with a string field 'prompt'")
+        prompts.append(row["prompt"])
+    if not prompts:
+        raise SystemExit(f"{path}: no prompts")
+    return prompts
+
+
+def select_prompts(prompts: list[str], num: int | None, seed: int | None) -> list[str]:
+    prompts = list(prompts)
+    if seed is not None:
+        random.Random(seed).shuffle(prompts)
+    return prompts[:num] if num else prompts
+
+
+def _tiny_setup(args):
+    from .reference.demo import use_ops
+    from .reference.tiny_pair import DEMO_PROMPTS, DRAFTER_DIR, encode, load_drafter, load_tiny_pair
+
+    target, drafter = load_tiny_pair(drafter_dir=args.drafter or DRAFTER_DIR)
+    ops = get_ops(args.backend)
+    use_ops(target, drafter, ops)
+    texts = _read_prompts(args.prompts) if args.prompts else list(DEMO_PROMPTS)
+    return target, drafter, ops, texts, encode
+
+
+def run_offline(args) -> dict:
+    if args.target != TINY:
+        raise SystemExit("bench offline: transformers targets are not wired yet; use --target tiny")
+    target, drafter, ops, texts, encode = _tiny_setup(args)
+    texts = select_prompts(texts, args.num_prompts, args.shuffle_seed)
+    L = args.block_size or drafter.cfg.block_size
+    prompts = [encode(t) for t in texts]
+    t0 = time.time()
+    from .reference.loop import generate_plain
+
+    params = [SamplingParams(max_new_tokens=args.max_new_tokens)] * len(prompts)
+    continuations = []
+    for i, (prompt, p) in enumerate(zip(prompts, params), start=1):
+        continuations += [r.tokens for r in generate_plain(target, [prompt], [p])]
+        print(f"\rgreedy continuations {i}/{len(prompts)}", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    lens = teacher_forced_commit_lens(target, drafter, ops, prompts, continuations, L)
+    stats = acceptance_stats([n for per in lens for n in per], L)
+    return {
+        "metric": "offline teacher-forced acceptance length (tokens per verify step, bonus included)",
+        "target": args.target, "drafter": args.drafter or "tiny", "block_size": L,
+        "num_prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+        "shuffle_seed": args.shuffle_seed, "backend": args.backend,
+        "seconds": round(time.time() - t0, 3),
+        **stats.to_dict(),
+        "per_prompt_tau": [sum(p) / len(p) if p else 0.0 for p in lens],
+    }
+
+
+def plot_offline(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    rates = result["position_accept_rate"]
+    a.bar(range(1, len(rates) + 1), rates)
+    a.set(xlabel="draft position j", ylabel="P(accepted)", ylim=(0, 1),
+          title=f"per-position acceptance (tau {result['tau']:.2f})")
+    counts = result["commit_len_counts"]
+    b.bar(range(len(counts)), counts)
+    b.set(xlabel="tokens emitted per verify step", ylabel="steps", title="commit_len histogram")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main_offline(args) -> int:
+    result = run_offline(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot_offline(result, args.out / "acceptance.png")
+    print(f"offline tau {result['tau']:.3f} over {result['steps']} steps "
+          f"({result['num_prompts']} prompts, block {result['block_size']})")
+    print(f"wrote {args.out / 'result.json'} and {args.out / 'acceptance.png'}")
+    return 0

@@ -1,0 +1,210 @@
+"""Make the tiny bundled pair: train a tiny Kimi-Linear-shaped target on a synthetic byte
+corpus, then train a DFlash drafter on the target's own greedy continuations.
+
+    python -m sglang_dflash.reference.train [--out DIR] [--target-steps N] [--drafter-steps N]
+
+The drafter objective is DFlash's: pick anchor positions s in a target-generated sequence,
+feed the block [token s, MASK x (L-1)] with the target features of positions < s as
+context, and predict token s + j at block position j (same-position prediction), with
+cross-entropy through the target's frozen lm_head, weighted towards early positions.
+Deterministic for a given seed on one machine; takes a few minutes on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from ..config import DrafterConfig
+from ..drafter import DFlashDrafter
+from .kimi_linear import KimiLinearForCausalLM, tiny_config
+from .loop import generate_plain
+from .sampling import SamplingParams
+from .tiny_pair import BOS, DRAFTER_DIR, EOS, PAD, TARGET_DIR, VOCAB_SIZE, encode
+
+SEQ_LEN = 96
+PROMPT_LEN = 16
+GEN_LEN = 80
+BLOCK = 16
+TARGET_LAYER_IDS = (1, 3, 5)
+
+_NOUNS = ["cat", "dog", "fox", "bird", "man", "girl", "boy", "tree", "car", "ship", "mat"]
+_ADJS = ["red", "big", "small", "old", "new", "green", "fast"]
+_VERBS = ["sat on", "runs to", "looked at", "jumped over", "walks to", "sees"]
+
+
+def _item(rng: random.Random, kind: str) -> str:
+    if kind == "count":
+        start = rng.randrange(0, 90)
+        return "count: " + " ".join(str(start + i) for i in range(rng.randrange(4, 12)))
+    if kind == "add":
+        pairs = [(rng.randrange(1, 40), rng.randrange(1, 40)) for _ in range(rng.randrange(2, 5))]
+        return " ".join(f"{a}+{b}={a + b};" for a, b in pairs)
+    article = rng.choice(["the", "a"])
+    return (f"{article} {rng.choice(_ADJS)} {rng.choice(_NOUNS)} {rng.choice(_VERBS)} "
+            f"the {rng.choice(_NOUNS)}.")
+
+
+def synthetic_document(rng: random.Random) -> list[int]:
+    """BOS, items of one kind separated by newlines until ~SEQ_LEN bytes, then EOS."""
+    kind = rng.choice(["count", "add", "sentence"])
+    text = _item(rng, kind)
+    while len(text) < SEQ_LEN - 30:
+        text += "\n" + _item(rng, kind)
+    return (encode(text) + [EOS])[:SEQ_LEN]
+
+
+def _batch(docs: list[list[int]]) -> torch.Tensor:
+    out = torch.full((len(docs), SEQ_LEN), PAD, dtype=torch.long)
+    for i, d in enumerate(docs):
+        out[i, : len(d)] = torch.tensor(d)
+    return out
+
+
+def train_target(steps: int, seed: int, log_every: int = 25) -> KimiLinearForCausalLM:
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    model = KimiLinearForCausalLM(tiny_config(vocab_size=VOCAB_SIZE))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        ids = _batch([synthetic_document(rng) for _ in range(16)])
+        logits, _ = model.forward_train(ids[:, :-1])
+        labels = ids[:, 1:].masked_fill(ids[:, 1:] == PAD, -100)
+        loss = F.cross_entropy(logits.reshape(-1, VOCAB_SIZE), labels.reshape(-1), ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for group in opt.param_groups:
+            group["lr"] = 3e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
+        opt.step()
+        if step % log_every == 0 or step == steps:
+            print(f"target step {step}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
+    return model.eval()
+
+
+def drafter_config(target: KimiLinearForCausalLM) -> DrafterConfig:
+    return DrafterConfig(
+        hidden_size=target.config.hidden_size, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, intermediate_size=128, rms_norm_eps=1e-6,
+        rope_theta=10000.0, rope_scaling=None, max_position_embeddings=4096,
+        attention_bias=False, block_size=BLOCK, mask_token_id=PAD,
+        target_layer_ids=TARGET_LAYER_IDS, vocab_size=VOCAB_SIZE,
+    )
+
+
+@torch.no_grad()
+def target_sequences(target, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n sequences of prompt (a corpus prefix) + the target's greedy continuation, and
+    the target features of every position: ids [n, P+G], features [n, P+G, F]."""
+    rng = random.Random(seed + 1)
+    prompts = [synthetic_document(rng)[:PROMPT_LEN] for _ in range(n)]
+    params = [SamplingParams(max_new_tokens=GEN_LEN, ignore_eos=True)] * n
+    results = generate_plain(target, prompts, params)
+    ids = torch.tensor([p + r.tokens for p, r in zip(prompts, results)])
+    target.set_capture_layers(TARGET_LAYER_IDS)
+    _, features = target.forward_train(ids)
+    return ids, features
+
+
+def drafter_loss(drafter, target, ids, features, anchors_per_seq: int, gen) -> torch.Tensor:
+    """DFlash objective on a batch of sequences; anchors drawn after the prompt."""
+    n, T = ids.shape
+    L = drafter.cfg.block_size
+    pool = drafter.new_pool(n * T)
+    positions = torch.arange(T).repeat(n)
+    drafter.append_context(pool, features.reshape(n * T, -1), positions, torch.arange(n * T))
+    seq = torch.arange(n).repeat_interleave(anchors_per_seq)
+    start = torch.randint(PROMPT_LEN, T - 1, (len(seq),), generator=gen)
+    block_pos = start[:, None] + torch.arange(L)[None, :]
+    block = torch.full((len(seq), L), drafter.cfg.mask_token_id, dtype=torch.long)
+    block[:, 0] = ids[seq, start]
+    labels = ids[seq[:, None], block_pos.clamp(max=T - 1)].masked_fill(block_pos >= T, -100)
+    labels[:, 0] = -100
+    cols = torch.arange(T)[None, :]
+    slot_table = torch.where(cols < start[:, None], seq[:, None] * T + cols, 0)
+    embeds = target.model.embed_tokens(block)
+    hidden = drafter.forward_block(pool, embeds, block_pos, slot_table, start)
+    logits = F.linear(hidden, target.lm_head.weight)
+    # earlier block positions matter more: a miss there ends the accepted prefix
+    weights = torch.exp(-(torch.arange(L) - 1).clamp(min=0) / 7.0)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                         ignore_index=-100, reduction="none").view(len(seq), L)
+    valid = (labels != -100).float() * weights[None, :]
+    return (ce * valid).sum() / valid.sum()
+
+
+def train_drafter(target, steps: int, seed: int, n_seqs: int = 192, log_every: int = 50):
+    for p in target.parameters():
+        p.requires_grad_(False)
+    t0 = time.time()
+    ids, features = target_sequences(target, n_seqs, seed)
+    print(f"generated {n_seqs} greedy continuations ({time.time() - t0:.0f}s)", flush=True)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    drafter = DFlashDrafter(drafter_config(target))
+    opt = torch.optim.AdamW(drafter.parameters(), lr=2e-3, weight_decay=0.0)
+    for step in range(1, steps + 1):
+        rows = torch.randint(0, n_seqs, (16,), generator=gen)
+        loss = drafter_loss(drafter, target, ids[rows], features[rows], 4, gen)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
+        for group in opt.param_groups:
+            group["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
+        opt.step()
+        if step % log_every == 0 or step == steps:
+            print(f"drafter step {step}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
+    return drafter.eval()
+
+
+def save_drafter(drafter: DFlashDrafter, out: Path) -> None:
+    """The published DFlash checkpoint format: config.json + model.safetensors."""
+    cfg = drafter.cfg
+    out.mkdir(parents=True, exist_ok=True)
+    config = {
+        "architectures": ["DFlashDraftModel"], "model_type": "qwen3",
+        "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.intermediate_size, "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_scaling": None,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "attention_bias": cfg.attention_bias, "hidden_act": "silu",
+        "vocab_size": cfg.vocab_size, "block_size": cfg.block_size,
+        "num_target_layers": cfg.num_target_layers, "torch_dtype": "float32",
+        "dflash_config": {"mask_token_id": cfg.mask_token_id,
+                          "target_layer_ids": list(cfg.target_layer_ids)},
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tensors = {k: v.detach().contiguous() for k, v in drafter.state_dict().items()}
+    save_file(tensors, str(out / "model.safetensors"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target-out", type=Path, default=TARGET_DIR)
+    parser.add_argument("--drafter-out", type=Path, default=DRAFTER_DIR)
+    parser.add_argument("--target-steps", type=int, default=300)
+    parser.add_argument("--drafter-steps", type=int, default=600)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    target = train_target(args.target_steps, args.seed)
+    target.save_pretrained(args.target_out)
+    drafter = train_drafter(target, args.drafter_steps, args.seed)
+    save_drafter(drafter, args.drafter_out)
+    print(f"wrote {args.target_out} and {args.drafter_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

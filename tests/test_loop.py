@@ -1,0 +1,105 @@
+"""The reference DFlash loop: lossless against plain decoding, and real acceptance."""
+
+import pytest
+import torch
+
+from sglang_dflash.backend import get_ops
+from sglang_dflash.reference.demo import use_ops
+from sglang_dflash.reference.loop import acceptance_length, generate_dflash, generate_plain
+from sglang_dflash.reference.offline import acceptance_stats, offline_acceptance
+from sglang_dflash.reference.sampling import SamplingParams
+from sglang_dflash.reference.tiny_pair import DEMO_PROMPTS, PAD, encode, load_tiny_pair
+
+OPS = get_ops("torch")
+
+
+@pytest.fixture(scope="module")
+def pair():
+    target, drafter = load_tiny_pair()
+    use_ops(target, drafter, OPS)
+    return target, drafter
+
+
+def _greedy(n):
+    return SamplingParams(max_new_tokens=n)
+
+
+# ragged prompts: lengths 1 (just BOS) to ~20
+PROMPTS = [encode("")] + [encode(p) for p in DEMO_PROMPTS[:4]]
+
+
+@pytest.mark.parametrize("block_size", [16, 4], ids=["L16", "L4"])
+def test_greedy_equals_plain_on_ragged_batch(pair, block_size):
+    target, drafter = pair
+    params = [_greedy(n) for n in (40, 7, 23, 40, 13)]  # several stop mid-block
+    plain = generate_plain(target, PROMPTS, params)
+    spec = generate_dflash(target, drafter, PROMPTS, params, OPS, block_size=block_size)
+    for p, s, prm in zip(plain, spec, params):
+        assert s.tokens == p.tokens
+        assert s.finish_reason == p.finish_reason
+        if p.finish_reason == "length":
+            assert len(s.tokens) == prm.max_new_tokens
+        # the prefill emits the first token, the steps the rest
+        assert sum(s.commit_lens) == len(s.tokens) - 1
+        assert all(1 <= n <= block_size for n in s.commit_lens)
+    # a trained drafter must actually be accepted
+    assert acceptance_length(spec) > 2.0
+
+
+def test_stop_token_inside_a_block(pair):
+    target, drafter = pair
+    # ';' and '.' end items of the tiny corpus: frequent, and often deep inside a block
+    params = [SamplingParams(max_new_tokens=60, stop_token_ids=(ord(";"), ord(".")))] * len(PROMPTS)
+    plain = generate_plain(target, PROMPTS, params)
+    spec = generate_dflash(target, drafter, PROMPTS, params, OPS)
+    assert [s.tokens for s in spec] == [p.tokens for p in plain]
+    stopped = [s for s in spec if s.finish_reason == "stop"]
+    assert stopped, "no request hit the stop token: the scenario is not exercised"
+    assert all(s.tokens[-1] in (ord(";"), ord(".")) for s in stopped)
+    # at least one stop came after an accepted draft of the same block
+    assert any(s.commit_lens and s.commit_lens[-1] >= 2 for s in stopped)
+
+
+def test_target_that_emits_the_mask_id_is_served_losslessly(pair):
+    target, drafter = pair
+    # make the target prefer the mask/pad id wherever it would have emitted a space
+    with torch.no_grad():
+        saved = target.lm_head.weight[PAD].clone()
+        target.lm_head.weight[PAD] = target.lm_head.weight[ord(" ")] * 1.05
+    try:
+        params = [_greedy(30)] * len(PROMPTS)
+        plain = generate_plain(target, PROMPTS, params)
+        assert any(PAD in p.tokens for p in plain), "scenario not exercised: no mask id emitted"
+        spec = generate_dflash(target, drafter, PROMPTS, params, OPS)
+        assert [s.tokens for s in spec] == [p.tokens for p in plain]
+    finally:
+        with torch.no_grad():
+            target.lm_head.weight[PAD] = saved
+
+
+def test_trained_pair_offline_tau_and_online_tau_agree(pair):
+    target, drafter = pair
+    prompts = [encode(p) for p in DEMO_PROMPTS]
+    stats, continuations = offline_acceptance(target, drafter, OPS, prompts, max_new_tokens=64)
+    assert stats.tau >= 3.0, f"offline tau {stats.tau:.3f} < 3.0: the drafter does not match its target"
+    spec = generate_dflash(target, drafter, prompts, [_greedy(64)] * len(prompts), OPS)
+    assert [s.tokens for s in spec] == [c.tokens for c in continuations]
+    online_lens = [n for s in spec for n in s.commit_lens]
+    # same blocks, so the same per-step commit lengths, not just the same mean
+    assert acceptance_stats(online_lens, drafter.cfg.block_size) == stats
+    assert acceptance_length(spec) == stats.tau
+
+
+def test_untrained_drafter_is_lossless_but_not_accepted(pair):
+    """A broken (random) drafter must show up as low acceptance, not as wrong output."""
+    from sglang_dflash.drafter import DFlashDrafter
+
+    target, drafter = pair
+    torch.manual_seed(1)
+    random_drafter = DFlashDrafter(drafter.cfg).eval()
+    random_drafter.ops = OPS
+    params = [_greedy(24)] * 3
+    plain = generate_plain(target, PROMPTS[:3], params)
+    spec = generate_dflash(target, random_drafter, PROMPTS[:3], params, OPS)
+    assert [s.tokens for s in spec] == [p.tokens for p in plain]
+    assert acceptance_length(spec) < 1.5
