@@ -15,8 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from .backend import BACKENDS, get_ops
 from .reference.offline import acceptance_stats, teacher_forced_commit_lens
 from .reference.sampling import SamplingParams
@@ -40,6 +38,8 @@ def add_offline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the target's own modeling code (transformers targets only; "
                         "the drafter never runs checkpoint code)")
+    p.add_argument("--no-chat-template", dest="chat_template", action="store_false",
+                   help="feed prompts raw instead of through the tokenizer's chat template")
     p.add_argument("--out", type=Path, default=Path("out/bench_offline"),
                    help="directory for result.json and plots")
 
@@ -68,38 +68,66 @@ def select_prompts(prompts: list[str], num: int | None, seed: int | None) -> lis
     return prompts[:num] if num else prompts
 
 
-def _tiny_setup(args):
+def _tiny_setup(args, texts):
     from .reference.demo import use_ops
-    from .reference.tiny_pair import DEMO_PROMPTS, DRAFTER_DIR, encode, load_drafter, load_tiny_pair
+    from .reference.loop import generate_plain
+    from .reference.tiny_pair import DRAFTER_DIR, encode, load_tiny_pair
 
     target, drafter = load_tiny_pair(drafter_dir=args.drafter or DRAFTER_DIR)
-    ops = get_ops(args.backend)
-    use_ops(target, drafter, ops)
-    texts = _read_prompts(args.prompts) if args.prompts else list(DEMO_PROMPTS)
-    return target, drafter, ops, texts, encode
+    use_ops(target, drafter, get_ops(args.backend))
+
+    def continue_greedy(prompt: list[int]) -> list[int]:
+        params = SamplingParams(max_new_tokens=args.max_new_tokens)
+        return generate_plain(target, [prompt], [params])[0].tokens
+
+    return target, drafter, [encode(t) for t in texts], continue_greedy
+
+
+def _transformers_setup(args, texts):
+    from transformers import AutoTokenizer
+
+    from .reference.hf_target import HFTarget
+    from .reference.tiny_pair import load_drafter
+
+    if args.drafter is None:
+        raise SystemExit("bench offline: --drafter is required with a transformers --target")
+    tokenizer = AutoTokenizer.from_pretrained(args.target, trust_remote_code=args.trust_remote_code)
+    target = HFTarget.from_pretrained(args.target, args.trust_remote_code)
+    drafter = load_drafter(args.drafter, target.hidden_size)
+    drafter.ops = get_ops(args.backend)
+    if args.chat_template and tokenizer.chat_template:
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}],
+                                                 add_generation_prompt=True, tokenize=True)
+                   for t in texts]
+        prompts = [list(p["input_ids"]) if isinstance(p, dict) else list(p) for p in prompts]
+    else:
+        prompts = [tokenizer(t)["input_ids"] for t in texts]
+
+    def continue_greedy(prompt: list[int]) -> list[int]:
+        return target.greedy_continuation(prompt, args.max_new_tokens)
+
+    return target, drafter, prompts, continue_greedy
 
 
 def run_offline(args) -> dict:
-    if args.target != TINY:
-        raise SystemExit("bench offline: transformers targets are not wired yet; use --target tiny")
-    target, drafter, ops, texts, encode = _tiny_setup(args)
-    texts = select_prompts(texts, args.num_prompts, args.shuffle_seed)
-    L = args.block_size or drafter.cfg.block_size
-    prompts = [encode(t) for t in texts]
-    t0 = time.time()
-    from .reference.loop import generate_plain
+    from .reference.tiny_pair import DEMO_PROMPTS
 
-    params = [SamplingParams(max_new_tokens=args.max_new_tokens)] * len(prompts)
+    texts = _read_prompts(args.prompts) if args.prompts else list(DEMO_PROMPTS)
+    texts = select_prompts(texts, args.num_prompts, args.shuffle_seed)
+    setup = _tiny_setup if args.target == TINY else _transformers_setup
+    target, drafter, prompts, continue_greedy = setup(args, texts)
+    L = args.block_size or drafter.cfg.block_size
+    t0 = time.time()
     continuations = []
-    for i, (prompt, p) in enumerate(zip(prompts, params), start=1):
-        continuations += [r.tokens for r in generate_plain(target, [prompt], [p])]
+    for i, prompt in enumerate(prompts, start=1):
+        continuations.append(continue_greedy(prompt))
         print(f"\rgreedy continuations {i}/{len(prompts)}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
-    lens = teacher_forced_commit_lens(target, drafter, ops, prompts, continuations, L)
+    lens = teacher_forced_commit_lens(target, drafter, drafter.ops, prompts, continuations, L)
     stats = acceptance_stats([n for per in lens for n in per], L)
     return {
         "metric": "offline teacher-forced acceptance length (tokens per verify step, bonus included)",
-        "target": args.target, "drafter": args.drafter or "tiny", "block_size": L,
+        "target": args.target, "drafter": args.drafter or TINY, "block_size": L,
         "num_prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
         "shuffle_seed": args.shuffle_seed, "backend": args.backend,
         "seconds": round(time.time() - t0, 3),
