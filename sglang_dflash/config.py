@@ -1,15 +1,30 @@
 """Drafter and target configuration: parsed once at the boundary into frozen dataclasses.
 
 Everything downstream receives these dataclasses, never raw JSON or SGLang's server args.
+A parse collects every problem of a file into one ``ConfigError`` naming file and field.
+Drafter: DFlash fields at the top level or under ``dflash_config`` (agreeing if both);
+``num_target_layers`` is the *target's* layer count. Variants that share the architecture
+name but switch behaviour with extra keys are refused by name, never served with wrong
+numerics; unknown top-level keys are ignored, unknown ``dflash_config`` keys refused.
+Kimi-Linear targets: 1-based ``kda_layers`` are KDA, ``full_attn_layers`` MLA; every layer
+must be in exactly one list (HF and SGLang silently call unlisted layers MLA), and without
+``linear_attn_config`` all layers are MLA.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 
 class ConfigError(ValueError):
-    """A config file is unusable; the message names the file and the field."""
+    """A config file is unusable; every problem names the file and the field."""
+
+    def __init__(self, problems: str | list[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        many = [f"{len(self.problems)} problems:"] + [f"  - {p}" for p in self.problems]
+        super().__init__(self.problems[0] if len(self.problems) == 1 else "\n".join(many))
 
 
 @dataclass(frozen=True)
@@ -33,9 +48,13 @@ class DrafterConfig:
     target_layer_ids: tuple[int, ...]
     # the drafter's own idea of the vocabulary (None when the config does not say)
     vocab_size: int | None = None
+    # config.json's `num_target_layers`: the layer count of the target the drafter was
+    # trained for (None when the config does not say); not the number of feature layers
+    target_num_layers: int | None = None
 
     @property
     def num_target_layers(self) -> int:
+        """Number of feature layers (the fc input is this many target hidden states)."""
         return len(self.target_layer_ids)
 
 
@@ -51,3 +70,393 @@ class TargetConfig:
     layer_kinds: tuple[str, ...]
     eos_token_ids: tuple[int, ...]
     pad_token_id: int | None = None
+
+
+DRAFTER_ARCHITECTURE = "DFlashDraftModel"
+KIMI_LINEAR = ("kimi_linear", "KimiLinearForCausalLM")
+# model_type -> architecture; every layer of these is plain softmax attention
+STANDARD_TARGETS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                    "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM"}
+
+# DFlash keys that may sit at the top level or under dflash_config
+_DFLASH_KEYS = ("block_size", "mask_token_id", "target_layer_ids", "num_target_layers", "mask_token")
+# variant switches: keys -> (values meaning the plain drafter, what any other value turns on)
+_VARIANT_GROUPS = {
+    ("causal_head",): ((False, None), "a causal draft head"),
+    ("causal", "is_causal"): ((False, None), "causal draft attention"),
+    ("input_embedding_scale",): ((1.0, None), "scaled input embeddings"),
+    ("output_multiplier",): ((1.0, None), "scaled draft logits"),
+    ("final_logit_softcapping",): ((0.0, None), "draft logit soft-capping"),
+    ("conv_kernel_size", "conv_group_size"): ((0, None), "grouped dynamic convolutions (DFlash2)"),
+    ("selector_rank", "selector_top_k"): ((0, None), "a candidate selector (DFlash2)"),
+    ("attention_sink_bias",): ((False, None), "attention sink biases"),
+    ("attention_value_scale",): ((None,), "scaled attention values"),
+    ("projector_type",): ((None,), "a non-linear feature projector"),
+    ("sample_from_anchor",): ((True, None), "a non-anchor query layout"),
+    ("swa_window_size",): ((None,), "sliding-window draft attention"),
+    ("has_embed_tokens", "has_lm_head"): ((False, None), "the drafter's own embedding or lm_head"),
+    ("quantization_config",): ((None,), "quantized weights"),
+}
+_VARIANTS = {key: rule for keys, rule in _VARIANT_GROUPS.items() for key in keys}
+# transformers' Qwen3Config default: with sliding on, layers at index >= this slide
+_QWEN3_MAX_WINDOW_LAYERS = 28
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_int_list(v) -> bool:
+    return isinstance(v, list) and all(map(_is_int, v))
+
+
+def _as_list(v) -> list:
+    return v if isinstance(v, list) else [v]
+
+
+class _Reader:
+    """Typed access to one JSON object that records every problem instead of stopping."""
+
+    def __init__(self, d: dict, source: str, names: dict[str, str] | None = None):
+        self.d, self.source = d, source
+        self.names = names or {}  # key -> its place in the file, e.g. "dflash_config.x"
+        self.problems: list[str] = []
+        self.missing: list[str] = []
+
+    def name(self, key: str) -> str:
+        return self.names.get(key, key)
+
+    def problem(self, key: str, message: str) -> None:
+        self.problems.append(f"{self.source}: field `{self.name(key)}`: {message}")
+
+    def present(self, key: str) -> bool:
+        return self.d.get(key) is not None
+
+    def get(self, key: str, ok, expected: str, required: bool = True):
+        """The value of ``key`` if ``ok(value)``; else None, with the reason recorded."""
+        if not self.present(key):
+            if required:
+                self.missing.append(self.name(key))
+            return None
+        if ok(self.d[key]):
+            return self.d[key]
+        self.problem(key, f"expected {expected}, got {self.d[key]!r}")
+        return None
+
+    def int(self, key: str, minimum: int = 0, required: bool = True) -> int | None:
+        return self.get(key, lambda v: _is_int(v) and v >= minimum, f"an integer >= {minimum}", required)
+
+    def float(self, key: str) -> float | None:
+        v = self.get(key, lambda v: (_is_int(v) or isinstance(v, float)) and v > 0, "a positive number")
+        return None if v is None else float(v)
+
+    def int_list(self, key: str) -> list[int] | None:
+        return self.get(key, _is_int_list, "a list of integers")
+
+    def absorb(self, other: _Reader) -> None:
+        self.problems += other.problems
+        self.missing += other.missing
+
+    def all_problems(self) -> list[str]:
+        missing = [f"{self.source}: missing required field(s): {', '.join(self.missing)}"]
+        return (missing if self.missing else []) + self.problems
+
+
+def config_file(path_or_dir: str | Path) -> Path:
+    """A model directory's config.json (a file path is taken as the config itself)."""
+    p = Path(path_or_dir)
+    return p / "config.json" if p.is_dir() else p
+
+
+def read_config_json(path_or_dir: str | Path, what: str) -> tuple[dict, str]:
+    """(the JSON object, its path as the source named in errors); ``what`` names the model."""
+    f = config_file(path_or_dir)
+    if not f.is_file():
+        raise ConfigError(f"{f}: no such file (expected a {what} directory holding config.json, "
+                          "or the path of that config.json)")
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{f}: not a valid UTF-8 JSON file: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{f}: expected a JSON object at the top level, got {type(d).__name__}")
+    return d, str(f)
+
+
+def _check_architecture(r: _Reader, expected: str) -> None:
+    if r.d.get("architectures") != [expected]:
+        r.problem("architectures", f"expected [\"{expected}\"], got {r.d.get('architectures')!r}")
+
+
+def _merge_dflash(r: _Reader) -> None:
+    """Lay dflash_config over the top level (in place), remembering where each key came from."""
+    nested = r.d.get("dflash_config") or {}
+    if not isinstance(nested, dict):
+        r.problem("dflash_config", f"expected an object, got {nested!r}")
+        return
+    unknown = sorted(k for k in nested if k not in _DFLASH_KEYS and k not in _VARIANTS)
+    if unknown:
+        r.problem("dflash_config", f"unknown key(s) {', '.join(unknown)} "
+                                   "(a DFlash variant this plugin does not implement?)")
+    for key, value in nested.items():
+        if key in r.d and r.d[key] != value:
+            r.problem(key, f"{r.d[key]!r} at the top level but {value!r} in "
+                           f"dflash_config.{key}; they must agree")
+        r.d[key] = value
+        r.names[key] = f"dflash_config.{key}"
+
+
+def _refuse_variants(r: _Reader) -> None:
+    for key, (plain, feature) in _VARIANTS.items():
+        if key in r.d and r.d[key] not in plain:
+            r.problem(key, f"{r.d[key]!r} turns on {feature}, which is not implemented "
+                           f"(the plain DFlash drafter has {plain[0]!r})")
+    if r.d.get("hidden_act", "silu") != "silu":
+        r.problem("hidden_act", f"only \"silu\" is implemented, got {r.d['hidden_act']!r}")
+
+
+def _refuse_sliding(r: _Reader, num_layers: int | None) -> None:
+    layer_types = r.d.get("layer_types")
+    if layer_types is None:
+        # transformers derives layer_types then: layers >= max_window_layers slide
+        max_full = r.d.get("max_window_layers", _QWEN3_MAX_WINDOW_LAYERS)
+        sliding = r.d.get("use_sliding_window") and r.present("sliding_window")
+        if sliding and (num_layers or 0) > max_full:
+            r.problem("use_sliding_window", "sliding-window draft layers are not implemented")
+        return
+    if not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
+        r.problem("layer_types", f"expected a list of strings, got {layer_types!r}")
+        return
+    if num_layers is not None and len(layer_types) != num_layers:
+        r.problem("layer_types", f"has {len(layer_types)} entries for {num_layers} layers")
+    others = sorted(set(layer_types) - {"full_attention"})
+    if others:
+        r.problem("layer_types", f"{others} not implemented: every draft layer must be "
+                                 "\"full_attention\" (non-causal, no sliding window)")
+
+
+def _freeze(value):
+    """JSON value -> hashable: objects become sorted (key, value) tuples, lists tuples."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _rope(r: _Reader) -> tuple[float | None, tuple | None]:
+    """(rope_theta, rope_scaling) from transformers-5 `rope_parameters` or the older pair."""
+    params, theta_reader = r.d.get("rope_parameters"), r
+    if params is not None:
+        if isinstance(params, dict) and isinstance(params.get("full_attention"), dict):
+            # rope per attention kind: draft layers are all full attention
+            params = params["full_attention"]
+        if not isinstance(params, dict):
+            r.problem("rope_parameters", f"expected an object, got {params!r}")
+            return None, None
+        if r.present("rope_theta") and r.d["rope_theta"] != params.get("rope_theta"):
+            r.problem("rope_theta", f"{r.d['rope_theta']!r} disagrees with "
+                                    f"rope_parameters.rope_theta {params.get('rope_theta')!r}")
+        theta_reader = _Reader(params, r.source, {"rope_theta": "rope_parameters.rope_theta"})
+        extra = {k: v for k, v in params.items() if k != "rope_theta"}
+    else:
+        extra = r.d.get("rope_scaling") or {}
+        if not isinstance(extra, dict):
+            r.problem("rope_scaling", f"expected an object or null, got {extra!r}")
+            return None, None
+    theta = theta_reader.float("rope_theta")
+    if theta_reader is not r:
+        r.absorb(theta_reader)
+    plain = extra.get("rope_type", extra.get("type", "default")) == "default" \
+        and set(extra) <= {"rope_type", "type"}
+    return theta, None if plain else _freeze(extra)
+
+
+def _layer_id_problems(ids: tuple[int, ...], target_layers: int | None, where: str) -> list[str]:
+    problems = [] if ids else [f"{where}: must name at least one target layer"]
+    negative = [i for i in ids if i < 0]
+    if negative:
+        problems.append(f"{where}: negative layer id(s) {negative}")
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        problems.append(f"{where}: duplicate layer id(s) {duplicates}")
+    if target_layers is not None and any(i >= target_layers for i in ids):
+        problems.append(f"{where}: id(s) {[i for i in ids if i >= target_layers]} not below "
+                        f"`num_target_layers` {target_layers} (the target's layer count)")
+    return problems
+
+
+def parse_drafter(d: dict, source: str) -> tuple[DrafterConfig | None, list[str]]:
+    """(config, every problem of the file): the config is None only when fields are missing
+    or mistyped, so a checker can still compare a flawed drafter with its target."""
+    r = _Reader(dict(d), source)
+    _merge_dflash(r)
+    _check_architecture(r, DRAFTER_ARCHITECTURE)
+    _refuse_variants(r)
+    layers = r.int("num_hidden_layers", minimum=1)
+    _refuse_sliding(r, layers)
+    heads = r.int("num_attention_heads", minimum=1)
+    kv_heads = r.int("num_key_value_heads", minimum=1, required=False) or heads
+    if heads and kv_heads and heads % kv_heads:
+        r.problem("num_key_value_heads", f"{kv_heads} does not divide num_attention_heads {heads}")
+    theta, scaling = _rope(r)
+    ids = r.int_list("target_layer_ids")
+    target_layers = r.int("num_target_layers", minimum=1, required=False)
+    if ids is not None:
+        where = f"{source}: field `{r.name('target_layer_ids')}`"
+        r.problems += _layer_id_problems(tuple(ids), target_layers, where)
+    bias = r.get("attention_bias", lambda v: isinstance(v, bool), "true or false", required=False)
+    if r.present("mask_token") and not r.present("mask_token_id"):
+        r.problem("mask_token", "a mask token given as text only; set mask_token_id to its id")
+    cfg = dict(
+        hidden_size=r.int("hidden_size", minimum=1), num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads,
+        head_dim=r.int("head_dim", minimum=1), intermediate_size=r.int("intermediate_size", minimum=1),
+        rms_norm_eps=r.float("rms_norm_eps"), rope_theta=theta, rope_scaling=scaling,
+        max_position_embeddings=r.int("max_position_embeddings", minimum=1),
+        attention_bias=bool(bias), block_size=r.int("block_size", minimum=2),
+        mask_token_id=r.int("mask_token_id"), target_layer_ids=None if ids is None else tuple(ids),
+        vocab_size=r.int("vocab_size", minimum=1, required=False), target_num_layers=target_layers,
+    )
+    optional = ("vocab_size", "target_num_layers", "rope_scaling")
+    complete = all(v is not None for k, v in cfg.items() if k not in optional)
+    return (DrafterConfig(**cfg) if complete else None), r.all_problems()
+
+
+def drafter_config_from_dict(d: dict, source: str) -> DrafterConfig:
+    """Parse a drafter config.json object; ``source`` names the file in every error."""
+    drafter, problems = parse_drafter(d, source)
+    if problems:
+        raise ConfigError(problems)
+    return drafter
+
+
+def drafter_problems(drafter: DrafterConfig, source: str) -> list[str]:
+    """Problems a drafter config has on its own (no target needed); for configs built in code."""
+    problems = _layer_id_problems(drafter.target_layer_ids, drafter.target_num_layers,
+                                  f"{source}: field `target_layer_ids`")
+    if drafter.block_size < 2:
+        problems.append(f"{source}: field `block_size`: expected >= 2, got {drafter.block_size}")
+    if drafter.num_attention_heads % drafter.num_key_value_heads:
+        problems.append(f"{source}: field `num_key_value_heads`: {drafter.num_key_value_heads} does "
+                        f"not divide num_attention_heads {drafter.num_attention_heads}")
+    return problems
+
+
+def load_drafter_config(path_or_dir: str | Path) -> DrafterConfig:
+    """The drafter config of a checkpoint directory (or of one config.json file)."""
+    d, source = read_config_json(path_or_dir, "drafter")
+    return drafter_config_from_dict(d, source)
+
+
+def _one_based_layers(r: _Reader, key: str, n: int) -> set[int] | None:
+    ids = r.int_list(key)
+    if ids is None:
+        return None
+    bad = [i for i in ids if not 1 <= i <= n]
+    if bad:
+        r.problem(key, f"layer number(s) {bad} outside 1..{n} (these lists are 1-based)")
+    if len(set(ids)) != len(ids):
+        r.problem(key, f"duplicate layer number(s) {sorted({i for i in ids if ids.count(i) > 1})}")
+    return set(ids)
+
+
+def _kimi_layer_kinds(r: _Reader, n: int | None) -> tuple[str, ...] | None:
+    lac = r.d.get("linear_attn_config")
+    if n is None:
+        return None
+    if lac is None:
+        return ("mla",) * n
+    if not isinstance(lac, dict):
+        r.problem("linear_attn_config", f"expected an object or null, got {lac!r}")
+        return None
+    names = {k: f"linear_attn_config.{k}" for k in ("kda_layers", "full_attn_layers")}
+    sub = _Reader(lac, r.source, names)
+    kda, full = _one_based_layers(sub, "kda_layers", n), _one_based_layers(sub, "full_attn_layers", n)
+    kinds = None
+    if kda is not None and full is not None:
+        if kda & full:
+            sub.problem("full_attn_layers", f"layer(s) {sorted(kda & full)} also listed in kda_layers")
+        neither = sorted(set(range(1, n + 1)) - kda - full)
+        if neither:
+            sub.problem("full_attn_layers", f"layer(s) {neither} in neither list")
+        kinds = tuple("kda" if i + 1 in kda else "mla" for i in range(n))
+    r.absorb(sub)
+    return kinds
+
+
+def _eos_ids(r: _Reader) -> tuple[int, ...] | None:
+    v = r.get("eos_token_id", lambda v: _as_list(v) != [] and _is_int_list(_as_list(v)),
+              "a token id or a non-empty list of them")
+    return None if v is None else tuple(_as_list(v))
+
+
+def target_config_from_dict(d: dict, source: str) -> TargetConfig:
+    """Parse a target config.json object; ``source`` names the file in every error."""
+    model_type = d.get("model_type")
+    architecture = KIMI_LINEAR[1] if model_type == KIMI_LINEAR[0] else STANDARD_TARGETS.get(model_type)
+    if architecture is None:
+        supported = ", ".join([KIMI_LINEAR[0], *STANDARD_TARGETS])
+        raise ConfigError(f"{source}: field `model_type`: unsupported target {model_type!r} "
+                          f"(supported: {supported})")
+    r = _Reader(d, source)
+    _check_architecture(r, architecture)
+    n = r.int("num_hidden_layers", minimum=1)
+    if model_type == KIMI_LINEAR[0]:
+        kinds = _kimi_layer_kinds(r, n)
+    else:
+        kinds = None if n is None else ("attention",) * n
+    cfg = dict(
+        architecture=architecture, hidden_size=r.int("hidden_size", minimum=1), num_hidden_layers=n,
+        vocab_size=r.int("vocab_size", minimum=1), layer_kinds=kinds, eos_token_ids=_eos_ids(r),
+        pad_token_id=r.int("pad_token_id", required=False),
+    )
+    if r.all_problems():
+        raise ConfigError(r.all_problems())
+    return TargetConfig(**cfg)
+
+
+def load_target_config(path_or_dir: str | Path) -> TargetConfig:
+    """The target config of a model directory (or of one config.json file)."""
+    d, source = read_config_json(path_or_dir, "target")
+    return target_config_from_dict(d, source)
+
+
+def pair_problems(drafter: DrafterConfig, target: TargetConfig, drafter_source: str,
+                  target_source: str) -> list[str]:
+    """Why ``drafter`` cannot serve ``target``, beyond the drafter's own problems."""
+    d, t, n = drafter_source, target_source, target.num_hidden_layers
+    problems = []
+    if drafter.hidden_size != target.hidden_size:
+        # the drafter runs on the target's embeddings and through its lm_head
+        problems.append(f"{d}: field `hidden_size` {drafter.hidden_size} != {t}: field `hidden_size` "
+                        f"{target.hidden_size} (the drafter uses the target's embed_tokens and lm_head)")
+    outside = [i for i in drafter.target_layer_ids if i >= n]
+    if outside:
+        problems.append(f"{d}: field `target_layer_ids`: id(s) {outside} are not layers of the "
+                        f"target ({t}: field `num_hidden_layers` {n}, 0-based ids 0..{n - 1})")
+    if drafter.target_num_layers is not None and drafter.target_num_layers != n:
+        problems.append(f"{d}: field `num_target_layers` {drafter.target_num_layers} != {t}: "
+                        f"field `num_hidden_layers` {n} (trained for another target?)")
+    if not 0 <= drafter.mask_token_id < target.vocab_size:
+        problems.append(f"{d}: field `mask_token_id` {drafter.mask_token_id} outside the target "
+                        f"vocabulary ({t}: field `vocab_size` {target.vocab_size})")
+    if drafter.vocab_size is not None and drafter.vocab_size != target.vocab_size:
+        problems.append(f"{d}: field `vocab_size` {drafter.vocab_size} != {t}: field "
+                        f"`vocab_size` {target.vocab_size}")
+    return problems
+
+
+def validate_pair(drafter: DrafterConfig, target: TargetConfig, drafter_source: str,
+                  target_source: str) -> list[str]:
+    """Every reason ``drafter`` cannot serve ``target`` (empty when they fit)."""
+    return (drafter_problems(drafter, drafter_source)
+            + pair_problems(drafter, target, drafter_source, target_source))
+
+
+def check_pair(drafter: DrafterConfig, target: TargetConfig, drafter_source: str,
+               target_source: str) -> None:
+    """Raise one ``ConfigError`` listing every incompatibility of the pair."""
+    problems = validate_pair(drafter, target, drafter_source, target_source)
+    if problems:
+        raise ConfigError(problems)

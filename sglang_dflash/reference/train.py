@@ -98,6 +98,7 @@ def drafter_config(target: KimiLinearForCausalLM) -> DrafterConfig:
         rope_theta=10000.0, rope_scaling=None, max_position_embeddings=4096,
         attention_bias=False, block_size=BLOCK, mask_token_id=PAD,
         target_layer_ids=TARGET_LAYER_IDS, vocab_size=VOCAB_SIZE,
+        target_num_layers=target.config.num_hidden_layers,
     )
 
 
@@ -180,7 +181,8 @@ def save_drafter(drafter: DFlashDrafter, out: Path) -> None:
         "max_position_embeddings": cfg.max_position_embeddings,
         "attention_bias": cfg.attention_bias, "hidden_act": "silu",
         "vocab_size": cfg.vocab_size, "block_size": cfg.block_size,
-        "num_target_layers": cfg.num_target_layers, "torch_dtype": "float32",
+        # the published format's num_target_layers counts the TARGET's layers
+        "num_target_layers": cfg.target_num_layers, "torch_dtype": "float32",
         "dflash_config": {"mask_token_id": cfg.mask_token_id,
                           "target_layer_ids": list(cfg.target_layer_ids)},
     }
