@@ -41,6 +41,26 @@ def build_parser() -> argparse.ArgumentParser:
                                          "loading weights; lists every incompatibility")
     add_check_args(check)
     check.set_defaults(func=main_check)
+
+    from .bench_offline import add_offline_args, main_offline
+    from .bench_online import add_online_args, main_online
+
+    bench = sub.add_parser("bench", help="acceptance benchmarks (online over HTTP, offline teacher-forced)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="KIND")
+    online = bench_sub.add_parser("online", help="send a prompt set to any OpenAI-compatible server at "
+                                                 "several concurrencies; tau, tok/s, TTFT, ITL; JSON + plots")
+    add_online_args(online)
+    online.set_defaults(func=main_online)
+    offline = bench_sub.add_parser("offline", help="teacher-forced tau of a drafter on a target; JSON + plot")
+    add_offline_args(offline)
+    offline.set_defaults(func=main_offline)
+
+    from .serve import add_serve_args, main_serve
+
+    serve = sub.add_parser("serve", help="launch `sglang serve` from a file in server_configs/, "
+                                         "passing extra arguments through")
+    add_serve_args(serve)
+    serve.set_defaults(func=main_serve)
     return parser
 
 

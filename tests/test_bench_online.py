@@ -1,0 +1,298 @@
+"""Online benchmark client against a stub OpenAI server on 127.0.0.1.
+
+The stub is not under test: it streams one chunk per "verify step" following a fixed
+pattern of commit lengths chosen from the prompt text, and reports SGLang-shaped
+per-request stats (sglext.spec_tokens_details) derived from the same pattern, so the
+expected tau and histogram are computed here independently of the client.
+"""
+
+import json
+import sys
+import threading
+import time
+import zlib
+from argparse import ArgumentParser
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from sglang_dflash import bench_online as bo
+
+# commit lengths (accept_len + 1) of each verify step; picked by a hash of the prompt
+PATTERNS = ([3, 1, 4, 2], [1, 1, 2, 6], [5, 16, 1, 3, 2], [2, 2])
+SERVER_LIFETIME_TAU = 2.75
+
+
+def pattern_for(text: str) -> list[int]:
+    return PATTERNS[zlib.crc32(text.encode()) % len(PATTERNS)]
+
+
+def _prompt_text(body: dict) -> str:
+    return body["prompt"] if "prompt" in body else body["messages"][-1]["content"]
+
+
+class StubServer:
+    """SGLang-shaped streaming server; `spec` adds per-request stats and /server_info."""
+
+    def __init__(self, spec: bool, delay_s: float, sglext: bool = True):
+        self.spec, self.delay_s, self.sglext = spec, delay_s, sglext
+        self.lock = threading.Lock()
+        self.in_flight = self.peak = 0
+        self.bodies = []
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _json(self, status, obj):
+                data = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                if self.path == "/v1/models":
+                    self._json(200, {"object": "list", "data": [{"id": "stub-model"}]})
+                elif self.path == "/server_info" and stub.spec:
+                    self._json(200, {"version": "stub", "internal_states": [
+                        {"avg_spec_accept_length": SERVER_LIFETIME_TAU}]})
+                else:
+                    self._json(404, {"detail": "Not Found"})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with stub.lock:
+                    stub.bodies.append(body)
+                    stub.in_flight += 1
+                    stub.peak = max(stub.peak, stub.in_flight)
+                try:
+                    stub.stream(self, body)
+                finally:
+                    with stub.lock:
+                        stub.in_flight -= 1
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stream(self, h: BaseHTTPRequestHandler, body: dict) -> None:
+        h.send_response(200)
+        h.send_header("Content-Type", "text/event-stream")
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+
+        def send(obj) -> None:
+            data = b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode())
+            data += b"\n\n"
+            h.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            h.wfile.flush()
+
+        steps = pattern_for(_prompt_text(body))
+        chat = "messages" in body
+        for n in steps:
+            time.sleep(self.delay_s)
+            text = "tok " * n
+            choice = {"index": 0, "delta": {"content": text}} if chat else {"index": 0,
+                                                                            "text": text}
+            send({"id": "x", "choices": [choice]})
+        if self.spec and self.sglext and body.get("return_spec_tokens_details"):
+            hist = [0] * max(steps)
+            for n in steps:
+                hist[n - 1] += 1
+            send({"id": "x", "choices": [], "sglext": {"spec_tokens_details": {
+                "spec_accept_length": sum(steps) / len(steps), "spec_verify_ct": len(steps),
+                "spec_correct_drafts_histogram": hist}}})
+        if body.get("stream_options", {}).get("include_usage"):
+            send({"id": "x", "choices": [], "usage": {
+                "prompt_tokens": 7, "completion_tokens": sum(steps),
+                "total_tokens": 7 + sum(steps)}})
+        send(b"[DONE]")
+        h.wfile.write(b"0\r\n\r\n")
+        h.wfile.flush()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def spec_server():
+    s = StubServer(spec=True, delay_s=0.003)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def plain_server():
+    s = StubServer(spec=False, delay_s=0.006)
+    yield s
+    s.close()
+
+
+def _args(tmp_path, url, *extra):
+    p = ArgumentParser()
+    bo.add_online_args(p)
+    return p.parse_args(["--url", url, "--out", str(tmp_path / "out"), *extra])
+
+
+def _expected(items, n):
+    """tau and accept_len histogram of a level of n requests cycling `items`."""
+    steps = [pattern_for(items[i % len(items)].chat_messages()[-1]["content"])
+             for i in range(n)]
+    hist = [0] * 16
+    for pat in steps:
+        for c in pat:
+            hist[c - 1] += 1
+    while hist and hist[-1] == 0:
+        hist.pop()
+    return sum(map(sum, steps)) / sum(map(len, steps)), hist
+
+
+LEVEL_KEYS = {"concurrency", "requests", "ok", "failed", "errors", "wall_s", "output_tokens",
+              "output_tok_s", "requests_per_s", "tokens_from_usage", "tau", "tau_source",
+              "tau_request_mean", "accept_len_histogram",
+              "server_avg_spec_accept_length_lifetime", "ttft_s", "itl_s", "tpot_s",
+              "latency_s", "per_request"}
+PCT_KEYS = {"p50", "p90", "p99", "mean", "n"}
+
+
+def test_sweep_json_plots_and_speedup(tmp_path, spec_server, plain_server, capsys):
+    args = _args(tmp_path, spec_server.url, "--baseline-url", plain_server.url,
+                 "--concurrency", "1,3,5", "--num-prompts", "8", "--max-tokens", "32")
+    assert bo.main_online(args) == 0
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    items = bo.load_prompts(None, None, 8, False)
+
+    assert [lv["concurrency"] for lv in result["levels"]] == [1, 3, 5]
+    for lv in result["levels"]:
+        assert set(lv) == LEVEL_KEYS
+        for key in ("ttft_s", "itl_s", "tpot_s", "latency_s"):
+            assert set(lv[key]) == PCT_KEYS and lv[key]["p50"] <= lv[key]["p99"]
+        n = max(8, 2 * lv["concurrency"])
+        tau, hist = _expected(items, n)
+        assert (lv["requests"], lv["ok"], lv["failed"]) == (n, n, 0)
+        assert lv["tau"] == pytest.approx(tau, rel=1e-12)
+        assert lv["tau_source"].startswith("per-request")
+        assert lv["accept_len_histogram"] == hist
+        assert lv["server_avg_spec_accept_length_lifetime"] == SERVER_LIFETIME_TAU
+        assert lv["tokens_from_usage"] is True
+        assert lv["output_tokens"] == sum(r["completion_tokens"] for r in lv["per_request"])
+        assert all(r["spec_verify_ct"] for r in lv["per_request"])
+
+    base = result["baseline"]["levels"]
+    assert [lv["tau"] for lv in base] == [None, None, None]
+    assert [lv["accept_len_histogram"] for lv in base] == [None, None, None]
+    for row, lv, b in zip(result["speedup"], result["levels"], base):
+        assert row["speedup"] == pytest.approx(lv["output_tok_s"] / b["output_tok_s"])
+    assert result["server"]["model"] == "stub-model"
+    assert result["server"]["server_info"]["version"] == "stub"
+    assert result["baseline"]["server_info"] is None
+    assert result["config"]["concurrency"] == [1, 3, 5]
+
+    assert result["plots"] == ["tau_and_throughput.png", "accept_len_histogram.png"]
+    for name in result["plots"]:
+        assert (tmp_path / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "c=5: 10/10 done" in capsys.readouterr().err
+
+
+def test_requests_carry_sglang_fields_and_levels_run_concurrently(spec_server):
+    items = bo.load_prompts(None, None, None, False)
+    s = bo.Settings(model="m", completions=False, max_tokens=16, temperature=0.0,
+                    spec_details=True, timeout_s=30, api_key=None)
+    for c in (1, 4):
+        spec_server.peak = 0
+        lv = bo.run_level(spec_server.url, items, c, 2 * c + 1, s)
+        assert spec_server.peak == c and lv["ok"] == 2 * c + 1
+    body = spec_server.bodies[-1]
+    assert body["stream"] is True and body["return_spec_tokens_details"] is True
+    assert body["stream_options"] == {"include_usage": True} and body["model"] == "m"
+    assert len(items) == 40 and {i.kind for i in items} == {"math", "gsm8k", "code", "chat"}
+
+
+def test_completions_mode_templates(tmp_path, spec_server):
+    args = _args(tmp_path, spec_server.url, "--completions", "--concurrency", "2",
+                 "--num-prompts", "4", "--warmup", "0")
+    assert bo.main_online(args) == 0
+    prompts = [b["prompt"] for b in spec_server.bodies]
+    assert all("messages" not in b for b in spec_server.bodies)
+    assert prompts[0].endswith("put your final answer within \\boxed{}.\n")
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert result["levels"][0]["ok"] == 4 and result["levels"][0]["tau"] is not None
+
+
+def test_tau_falls_back_to_server_info_and_is_labelled(tmp_path):
+    server = StubServer(spec=True, delay_s=0.001, sglext=False)
+    try:
+        args = _args(tmp_path, server.url, "--concurrency", "2", "--num-prompts", "3")
+        assert bo.main_online(args) == 0
+    finally:
+        server.close()
+    lv = json.loads((tmp_path / "out" / "result.json").read_text())["levels"][0]
+    assert lv["tau"] == SERVER_LIFETIME_TAU and "lifetime" in lv["tau_source"]
+    assert lv["accept_len_histogram"] is None
+    assert not (tmp_path / "out" / "accept_len_histogram.png").exists()
+
+
+def test_no_spec_details_flag_and_failures_are_reported(tmp_path, spec_server):
+    args = _args(tmp_path, spec_server.url, "--no-spec-details", "--concurrency", "1",
+                 "--num-prompts", "2", "--warmup", "0")
+    assert bo.main_online(args) == 0
+    assert all("return_spec_tokens_details" not in b for b in spec_server.bodies)
+    s = bo.Settings(model="m", completions=False, max_tokens=4, temperature=0.0,
+                    spec_details=True, timeout_s=5, api_key=None)
+    dead = bo.run_request("http://127.0.0.1:9", bo.PromptItem("x", "raw", text="hi"), s)
+    assert not dead.ok and dead.error.startswith(("ConnectionRefusedError", "OSError"))
+    with pytest.raises(SystemExit, match="cannot reach http://127.0.0.1:9"):
+        bo.main_online(_args(tmp_path, "http://127.0.0.1:9"))
+
+
+@pytest.mark.parametrize("lines, where, field", [
+    (['{"prompt": "a"}', "{not json"], "line 2", "not JSON"),
+    (['{"prompt": "a"}', "", '{"text": "b"}'], "line 3", "field 'prompt'"),
+    (['{"messages": [{"role": "user"}]}'], "line 1", "field 'messages'"),
+    (['{"messages": "hi"}'], "line 1", "field 'messages'"),
+    (['{"prompt": "a", "kind": "poetry"}'], "line 1", "field 'kind'"),
+    (['["a"]'], "line 1", "expected a JSON object"),
+], ids=["bad-json", "missing-prompt", "message-no-content", "messages-not-list", "bad-kind",
+        "not-object"])
+def test_jsonl_errors_name_line_and_field(tmp_path, lines, where, field):
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError) as e:
+        bo.read_jsonl(path, completions=False)
+    assert str(path) in str(e.value) and where in str(e.value) and field in str(e.value)
+
+
+def test_jsonl_messages_need_chat_endpoint_and_are_sent_as_is(tmp_path):
+    path = tmp_path / "p.jsonl"
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    path.write_text(json.dumps({"messages": msgs, "id": "m1"}) + "\n")
+    with pytest.raises(ValueError, match="line 1: field 'messages' needs the chat endpoint"):
+        bo.read_jsonl(path, completions=True)
+    (item,) = bo.read_jsonl(path, completions=False)
+    assert item.id == "m1" and item.chat_messages() == msgs
+
+
+def test_percentiles_and_bad_arguments():
+    p = bo.percentiles([4.0, 1.0, 3.0, 2.0])
+    assert (p["p50"], p["n"], p["mean"]) == (2.5, 4, 2.5)
+    assert p["p90"] == pytest.approx(3.7) and p["p99"] == pytest.approx(3.97)
+    assert bo.percentiles([])["p50"] is None
+    parser = ArgumentParser()
+    bo.add_online_args(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--concurrency", "4,0"])
+
+
+def test_dataset_without_datasets_package_is_a_clear_error(monkeypatch, tmp_path):
+    # None in sys.modules makes `import datasets` raise ImportError, installed or not.
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    args = _args(tmp_path, "http://127.0.0.1:9", "--dataset", "gsm8k")
+    with pytest.raises(SystemExit, match="--dataset gsm8k: needs the `datasets` package"):
+        bo.main_online(args)

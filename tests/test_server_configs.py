@@ -1,0 +1,134 @@
+"""server_configs/*.yaml through sglang's own parser and GPU-free resolution steps.
+
+Each file is parsed with sglang's `prepare_server_args` on the exact arguments
+`sglang-dflash serve` passes, then sglang's linear-attention checks and the DFLASH
+server-args handler run on it (the plugin's `load()` first, when the module exists).
+What needs the GPU or the network (model configs, memory planning, CUDA graphs) is left
+to launch time.
+"""
+
+import argparse
+import re
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("sglang", reason="the server configs are checked against sglang itself")
+
+from sglang_dflash import serve  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parents[1] / "server_configs"
+TARGET = "moonshotai/Kimi-Linear-48B-A3B-Instruct"
+DRAFTER = "Moonlight556/Kimi-Linear-48B-A3B-DFlash-240k"
+# file -> (tp_size, block size, max running requests); every YAML file must be listed
+EXPECTED = {
+    "kimi-linear-h200-tp1.yaml": (1, 16, 64),
+    "kimi-linear-h100x2-tp2.yaml": (2, 16, 48),
+    "kimi-linear-b200-tp1.yaml": (1, 16, 128),
+    "kimi-linear-h200-tp1-highconc.yaml": (1, 8, 128),
+}
+
+# The per-token and per-request sizes the headers derive, recomputed from the model facts.
+MLA_BYTES = 7 * (512 + 64) * 2             # 7 MLA layers, latent + rope, bf16
+DRAFT_KV_BYTES = 5 * 2 * 8 * 128 * 2       # 5 layers, K and V, 8 heads x 128, bf16
+KDA_MIB = (20 * 32 * 128 * 128 * 4 + 20 * 3 * 4096 * 3 * 2) / 2**20
+WEIGHTS_GIB = 48e9 * 2 / 2**30
+
+
+@pytest.fixture(scope="module")
+def checked():
+    return {name: serve.check_config(CONFIGS / name, []) for name in EXPECTED}
+
+
+def test_every_config_file_is_covered():
+    assert sorted(p.name for p in CONFIGS.glob("*.y*ml")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_config_resolves_like_a_gpu_machine(checked, name):
+    tp, block, max_running = EXPECTED[name]
+    f = checked[name]["fields"]
+    assert (f["model_path"], f["speculative_draft_model_path"]) == (TARGET, DRAFTER)
+    assert (f["device"], f["tp_size"], f["trust_remote_code"]) == ("cuda", tp, True)
+    assert f["speculative_algorithm"] == "DFLASH"
+    # _handle_dflash turns the block size into num_draft_tokens and pins steps/topk to 1
+    assert (f["speculative_num_draft_tokens"], f["speculative_num_steps"],
+            f["speculative_eagle_topk"]) == (block, 1, 1)
+    assert f["speculative_draft_attention_backend"] is not None
+    assert f["max_running_requests"] == max_running
+    # sglang caps running requests at max_mamba_cache_size // 3 (radix cache on)
+    assert f["max_mamba_cache_size"] == 3 * max_running
+    assert f["cuda_graph_max_bs_decode"] == max_running
+    assert f["enable_linear_replayssm_spec"] is True and f["mamba_ssm_dtype"] == "float32"
+    assert 0.5 < f["mem_fraction_static"] < 0.95
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_header_states_hardware_budget_and_flags(name):
+    text = (CONFIGS / name).read_text()
+    header = text[:text.index("\nmodel-path:")]
+    assert all(line.startswith("#") or not line.strip() for line in header.splitlines())
+    for needle in ("Hardware:", "Memory budget", "Why each flag", "MLA KV", "draft KV",
+                   "KDA state", f"{MLA_BYTES} B", f"{WEIGHTS_GIB:.1f} GiB"):
+        assert needle in header, f"{name}: header lacks {needle!r}"
+    tp = EXPECTED[name][0]
+    assert f"{DRAFT_KV_BYTES // tp} B" in header
+    assert f"{KDA_MIB / tp:.1f} MiB" in header
+    # every flag set in the file is explained in its header (or in the H200 file's)
+    keys = re.findall(r"^([a-z][a-z0-9-]*):", text, flags=re.M)
+    base = (CONFIGS / "kimi-linear-h200-tp1.yaml").read_text()
+    for key in keys:
+        assert key in header or key in base[:base.index("\nmodel-path:")], key
+
+
+def test_extra_arguments_win_over_the_file():
+    path = CONFIGS / "kimi-linear-h200-tp1.yaml"
+    f = serve.check_config(path, ["--max-running-requests", "7",
+                                  "--speculative-dflash-block-size", "8"])["fields"]
+    assert (f["max_running_requests"], f["speculative_num_draft_tokens"]) == (7, 8)
+
+
+def _variant(tmp_path, old: str, new: str) -> Path:
+    text = (CONFIGS / "kimi-linear-h200-tp1.yaml").read_text()
+    assert old in text
+    path = tmp_path / "variant.yaml"
+    path.write_text(text.replace(old, new))
+    return path
+
+
+def test_misspelt_flag_is_rejected_by_sglangs_parser(tmp_path):
+    path = _variant(tmp_path, "max-running-requests: 64", "max-runing-requests: 64")
+    with pytest.raises(ValueError, match=r"variant\.yaml: sglang serve rejected .*runing"):
+        serve.check_config(path, [])
+
+
+def test_dflash_handler_really_runs(tmp_path):
+    # the same file on device cpu: sglang's own _handle_dflash refuses it
+    path = _variant(tmp_path, "device: cuda", "device: cpu")
+    with pytest.raises(ValueError, match=r"refused the configuration: DFLASH .*not supported"):
+        serve.check_config(path, [])
+    path = _variant(tmp_path, "speculative-dflash-block-size: 16",
+                    "speculative-dflash-block-size: 16\nspeculative-num-draft-tokens: 8")
+    with pytest.raises(ValueError, match="they differ"):
+        serve.check_config(path, [])
+
+
+def test_serve_command_line(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    serve.add_serve_args(parser)
+    path = CONFIGS / "kimi-linear-b200-tp1.yaml"
+    args = parser.parse_args(["--dry-run", str(path), "--port", "30001", "--host", "0.0.0.0"])
+    assert serve.main_serve(args) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed.startswith("+ ") and printed.split()[2] == "serve"
+    assert printed.split()[3:] == ["--model-path", TARGET, "--config", str(path),
+                                   "--port", "30001", "--host", "0.0.0.0"]
+    # a model path given by the user is not doubled
+    assert serve.serve_argv(path, ["--model-path=/models/kimi"]) == [
+        "--config", str(path), "--model-path=/models/kimi"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tp-size: 1\n")
+    with pytest.raises(SystemExit, match="bad.yaml: field 'model-path'"):
+        serve.main_serve(parser.parse_args(["--dry-run", str(bad)]))
+    with pytest.raises(SystemExit, match="only YAML"):
+        serve.main_serve(parser.parse_args(["--dry-run", str(tmp_path / "x.json")]))
