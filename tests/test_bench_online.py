@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from sglang_dflash import bench_http, bench_prompts
 from sglang_dflash import bench_online as bo
 
 # commit lengths (accept_len + 1) of each verify step; picked by a hash of the prompt
@@ -167,7 +168,7 @@ def test_sweep_json_plots_and_speedup(tmp_path, spec_server, plain_server, capsy
                  "--concurrency", "1,3,5", "--num-prompts", "8", "--max-tokens", "32")
     assert bo.main_online(args) == 0
     result = json.loads((tmp_path / "out" / "result.json").read_text())
-    items = bo.load_prompts(None, None, 8, False)
+    items = bench_prompts.load_prompts(None, None, 8, False)
 
     assert [lv["concurrency"] for lv in result["levels"]] == [1, 3, 5]
     for lv in result["levels"]:
@@ -202,9 +203,9 @@ def test_sweep_json_plots_and_speedup(tmp_path, spec_server, plain_server, capsy
 
 
 def test_requests_carry_sglang_fields_and_levels_run_concurrently(spec_server):
-    items = bo.load_prompts(None, None, None, False)
-    s = bo.Settings(model="m", completions=False, max_tokens=16, temperature=0.0,
-                    spec_details=True, timeout_s=30, api_key=None)
+    items = bench_prompts.load_prompts(None, None, None, False)
+    s = bench_http.Settings(model="m", completions=False, max_tokens=16, temperature=0.0,
+                            spec_details=True, timeout_s=30, api_key=None)
     for c in (1, 4):
         spec_server.peak = 0
         lv = bo.run_level(spec_server.url, items, c, 2 * c + 1, s)
@@ -244,9 +245,10 @@ def test_no_spec_details_flag_and_failures_are_reported(tmp_path, spec_server):
                  "--num-prompts", "2", "--warmup", "0")
     assert bo.main_online(args) == 0
     assert all("return_spec_tokens_details" not in b for b in spec_server.bodies)
-    s = bo.Settings(model="m", completions=False, max_tokens=4, temperature=0.0,
-                    spec_details=True, timeout_s=5, api_key=None)
-    dead = bo.run_request("http://127.0.0.1:9", bo.PromptItem("x", "raw", text="hi"), s)
+    s = bench_http.Settings(model="m", completions=False, max_tokens=4, temperature=0.0,
+                            spec_details=True, timeout_s=5, api_key=None)
+    hi = bench_prompts.PromptItem("x", "raw", text="hi")
+    dead = bench_http.run_request("http://127.0.0.1:9", hi, s)
     assert not dead.ok and dead.error.startswith(("ConnectionRefusedError", "OSError"))
     with pytest.raises(SystemExit, match="cannot reach http://127.0.0.1:9"):
         bo.main_online(_args(tmp_path, "http://127.0.0.1:9"))
@@ -265,7 +267,7 @@ def test_jsonl_errors_name_line_and_field(tmp_path, lines, where, field):
     path = tmp_path / "p.jsonl"
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError) as e:
-        bo.read_jsonl(path, completions=False)
+        bench_prompts.read_jsonl(path, completions=False)
     assert str(path) in str(e.value) and where in str(e.value) and field in str(e.value)
 
 
@@ -274,8 +276,8 @@ def test_jsonl_messages_need_chat_endpoint_and_are_sent_as_is(tmp_path):
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     path.write_text(json.dumps({"messages": msgs, "id": "m1"}) + "\n")
     with pytest.raises(ValueError, match="line 1: field 'messages' needs the chat endpoint"):
-        bo.read_jsonl(path, completions=True)
-    (item,) = bo.read_jsonl(path, completions=False)
+        bench_prompts.read_jsonl(path, completions=True)
+    (item,) = bench_prompts.read_jsonl(path, completions=False)
     assert item.id == "m1" and item.chat_messages() == msgs
 
 
