@@ -1,0 +1,136 @@
+"""Greedy lm_head (Triton): logits tile by tile, only each tile's maximum leaves the chip.
+
+Pass 1, one program per (row tile, vocabulary tile): ``[BLOCK_M, BLOCK_V]`` logits
+accumulate in fp32 over the hidden dim, and the tile writes its maximum and the lowest
+row id holding it. Programs of one vocabulary tile are launched next to each other, so
+its weight rows are read from HBM about once and served to the other row tiles from L2.
+Pass 2, one program per row: the first tile holding the row's maximum gives the token.
+Both passes break ties toward the lowest id, so the result equals ``argmax`` of the full
+logits (which returns the first maximum). A caller with vocabulary shards combines them
+with ``combine_shards`` (highest logit, then lowest id).
+
+Two tiny passes instead of atomics on packed (logit, id) keys: the partials are
+``M x V/128`` fp32 + int32 (about 5 MiB at M = 960, V = 163840), cheap next to the
+weight, and the result is deterministic without float-to-int key tricks.
+
+Same tokens as the twin ``sglang_dflash.kernels.naive.greedy_head`` up to fp32 summation
+order: fp32 (or mixed-dtype, or CPU) inputs are upcast and use IEEE fp32 dots; bf16/fp16
+inputs on a GPU use tensor-core dots, whose products are exact in fp32 as well.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .naive.greedy_head import check_greedy_head_args, combine_shards
+
+__all__ = ["greedy_head", "combine_shards"]
+
+_BLOCK_V = 128
+_BLOCK_K = 64
+
+
+@triton.jit
+def _first_max(b_x, b_id, axis: tl.constexpr):
+    """Maximum of b_x along axis and the lowest b_id (int32) where it occurs."""
+    b_max = tl.max(b_x, axis=axis)
+    if axis == 1:
+        at_max = b_x == b_max[:, None]
+    else:
+        at_max = b_x == b_max
+    return b_max, tl.min(tl.where(at_max, b_id, 2147483647), axis=axis)
+
+
+@triton.jit
+def _tile_max_kernel(
+    hidden,    # [M, H]
+    weight,    # [V, H]
+    part_max,  # [M, NT] fp32
+    part_id,   # [M, NT] int32 (shard-local row id)
+    M, V, H, NT, s_hm, s_wv,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+):
+    i_m, i_v = tl.program_id(0), tl.program_id(1)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_v = i_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    o_k = tl.arange(0, BLOCK_K)
+    m_m, m_v = o_m < M, o_v < V
+    p_h = hidden + o_m[:, None].to(tl.int64) * s_hm + o_k[None, :]
+    p_w = weight + o_v[:, None].to(tl.int64) * s_wv + o_k[None, :]
+    b_acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        m_k = k0 + o_k < H
+        b_h = tl.load(p_h + k0, mask=m_m[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
+        b_w = tl.load(p_w + k0, mask=m_v[:, None] & m_k[None, :], other=0.0)  # [BV, BK]
+        if UPCAST:
+            b_acc = tl.dot(b_h.to(tl.float32), tl.trans(b_w.to(tl.float32)), b_acc,
+                           input_precision="ieee")
+        else:
+            b_acc = tl.dot(b_h, tl.trans(b_w), b_acc)
+    b_acc = tl.where(m_v[None, :], b_acc, float("-inf"))
+    b_max, b_id = _first_max(b_acc, o_v[None, :], 1)
+    off = o_m.to(tl.int64) * NT + i_v
+    tl.store(part_max + off, b_max, mask=m_m)
+    tl.store(part_id + off, b_id, mask=m_m)
+
+
+@triton.jit
+def _reduce_tiles_kernel(
+    part_max,   # [M, NT] fp32
+    part_id,    # [M, NT] int32
+    max_logit,  # [M] fp32
+    token,      # [M] int64
+    NT, vocab_offset,
+    BLOCK_T: tl.constexpr,
+):
+    i_m = tl.program_id(0).to(tl.int64)
+    o_t = tl.arange(0, BLOCK_T)
+    b_max = tl.load(part_max + i_m * NT + o_t, mask=o_t < NT, other=float("-inf"))
+    row_max, first_tile = _first_max(b_max, o_t, 0)
+    # tiles are in increasing id order: the first tile at the maximum has the lowest id
+    b_id = tl.load(part_id + i_m * NT + first_tile)
+    tl.store(max_logit + i_m, row_max)
+    tl.store(token + i_m, b_id.to(tl.int64) + vocab_offset)
+
+
+def _check_layout(hidden: torch.Tensor, weight: torch.Tensor) -> None:
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if t.numel() and t.stride(-1) != 1:
+            raise ValueError(f"greedy_head: argument `{name}`: expected a contiguous last dim, "
+                             f"got strides {tuple(t.stride())}")
+    # pass 2 holds one row of tile maxima in registers: 2**23 rows are 65536 tiles
+    if weight.shape[0] > 2**23:
+        raise ValueError(f"greedy_head: argument `weight`: expected at most 2**23 vocabulary rows, "
+                         f"got {weight.shape[0]}")
+
+
+def greedy_head(
+    hidden: torch.Tensor,  # [M, H] any float dtype
+    weight: torch.Tensor,  # [V_shard, H] lm_head rows of this shard
+    vocab_offset: int,     # global id of weight row 0 (tensor-parallel shard start)
+) -> tuple[torch.Tensor, torch.Tensor]:  # max_logit [M] fp32, token [M] int64 (global id)
+    check_greedy_head_args(hidden, weight, vocab_offset)
+    _check_layout(hidden, weight)
+    (M, H), V = hidden.shape, weight.shape[0]
+    max_logit = torch.empty(M, dtype=torch.float32, device=hidden.device)
+    token = torch.empty(M, dtype=torch.int64, device=hidden.device)
+    if M == 0:
+        return max_logit, token
+    NT = triton.cdiv(V, _BLOCK_V)
+    part_max = torch.empty(M, NT, dtype=torch.float32, device=hidden.device)
+    part_id = torch.empty(M, NT, dtype=torch.int32, device=hidden.device)
+    BLOCK_M = min(64, max(16, triton.next_power_of_2(M)))
+    # the interpreter has no bf16 arithmetic, and fp32 or mixed inputs need IEEE fp32 dots
+    upcast = hidden.device.type == "cpu" or hidden.dtype != weight.dtype or hidden.dtype == torch.float32
+    _tile_max_kernel[(triton.cdiv(M, BLOCK_M), NT)](
+        hidden, weight, part_max, part_id, M, V, H, NT, hidden.stride(0), weight.stride(0),
+        BLOCK_M=BLOCK_M, BLOCK_V=_BLOCK_V, BLOCK_K=_BLOCK_K, UPCAST=upcast,
+        num_warps=4, num_stages=3,
+    )
+    _reduce_tiles_kernel[(M,)](
+        part_max, part_id, max_logit, token, NT, vocab_offset,
+        BLOCK_T=triton.next_power_of_2(NT), num_warps=4,
+    )
+    return max_logit, token
