@@ -1,0 +1,177 @@
+"""Development only: run SGLang 0.5.23 on a CPU machine without its GPU dependencies.
+
+Nothing in the serving path imports this module; it fills in what the lean CPU install
+of SGLang lacks, for tests and for a local server on a tiny model:
+
+- torchvision: the PyPI wheels do not load beside the CPU torch build, yet SGLang's
+  vision configs and processors import it at module level. ``install_torchvision_stub``
+  answers those imports with modules whose attributes raise when used (only
+  ``InterpolationMode``, read at import time, is real).
+- vllm: on a device SGLang does not know (plain CPU without sgl-kernel), its rotary
+  embedding falls back to ``vllm._custom_ops.rotary_embedding``.
+  ``install_vllm_rotary_shim`` provides that one op in torch.
+
+Server: ``python -m sglang_dflash.cpu_shims serve --model-path DIR [sglang serve args]``
+runs ``sglang serve`` with the shims and the CPU flags (``--device cpu
+--attention-backend torch_native --disable-cuda-graph`` unless given). SGLang starts
+its scheduler and detokenizer with multiprocessing "spawn", which re-runs this module
+as ``__mp_main__`` in each child before anything is unpickled, so the shims are
+installed there too (the guard at the bottom).
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+import types
+
+import torch
+
+# Reported as the stub's version: older than any real torchvision, so version-gated
+# code paths (transformers checks ">= 0.27") take their torchvision-free branch.
+TORCHVISION_STUB_VERSION = "0.0.0+sglang-dflash-cpu-stub"
+CPU_SERVE_DEFAULTS = (("--device", "cpu"), ("--attention-backend", "torch_native"),
+                      ("--disable-cuda-graph", None))
+
+
+class InterpolationMode(enum.Enum):
+    NEAREST = "nearest"
+    NEAREST_EXACT = "nearest-exact"
+    BILINEAR = "bilinear"
+    BICUBIC = "bicubic"
+    BOX = "box"
+    HAMMING = "hamming"
+    LANCZOS = "lanczos"
+
+
+def _unavailable(module: str, name: str):
+    def fail(*args, **kwargs):
+        raise RuntimeError(f"{module}.{name} was called, but torchvision is a CPU stub here "
+                           "(sglang_dflash.cpu_shims): vision inputs are not supported")
+
+    return fail
+
+
+class _StubLoader(importlib.abc.Loader):
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        module.__version__ = TORCHVISION_STUB_VERSION
+        module.InterpolationMode = InterpolationMode
+
+        def attribute(name: str):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return _unavailable(module.__name__, name)
+
+        module.__getattr__ = attribute
+
+
+class _StubFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path, target=None):
+        if fullname == "torchvision" or fullname.startswith("torchvision."):
+            return importlib.machinery.ModuleSpec(fullname, _StubLoader(), is_package=True)
+        return None
+
+
+def torchvision_loads() -> bool:
+    if importlib.util.find_spec("torchvision") is None:
+        return False
+    try:
+        import torchvision  # noqa: F401
+    except (ImportError, OSError, RuntimeError):
+        return False
+    return True
+
+
+def install_torchvision_stub() -> bool:
+    """Stub torchvision unless a working one is installed; idempotent. True if stubbed."""
+    if any(isinstance(f, _StubFinder) for f in sys.meta_path):
+        return True
+    if torchvision_loads():
+        return False
+    # a half-imported real torchvision must not shadow the stub
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]
+    sys.meta_path.insert(0, _StubFinder())
+    return True
+
+
+def rotary_embedding(
+    positions: torch.Tensor,  # [T]
+    query: torch.Tensor,  # [T, Hq * D] or [T, Hq, D], rotated in place
+    key: torch.Tensor | None,  # [T, Hk * D] or [T, Hk, D], rotated in place
+    head_size: int,
+    cos_sin_cache: torch.Tensor,  # [max_pos, R]: cos in the first R/2 columns, sin after
+    is_neox: bool,
+) -> None:
+    """vLLM's in-place rotary op in torch: the first R dims of every head are rotated."""
+    cos, sin = cos_sin_cache.index_select(0, positions.flatten()).float().chunk(2, dim=-1)
+    half = cos.shape[-1]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    for x in (query, key):
+        if x is None:
+            continue
+        heads = x.view(positions.numel(), -1, head_size)
+        rot = heads[..., : 2 * half].float()
+        if is_neox:
+            # [x0..x_{h-1} | x_h..x_{2h-1}]: pairs (x_i, x_{i+h})
+            a, b = rot[..., :half], rot[..., half:]
+            out = torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
+        else:
+            # GPT-J layout: pairs (x_{2i}, x_{2i+1})
+            a, b = rot[..., 0::2], rot[..., 1::2]
+            out = torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1).flatten(-2)
+        heads[..., : 2 * half] = out.to(x.dtype)
+
+
+def install_vllm_rotary_shim() -> bool:
+    """Provide ``vllm._custom_ops.rotary_embedding`` unless vllm is installed. True if shimmed."""
+    if "vllm._custom_ops" in sys.modules:
+        return False
+    if importlib.util.find_spec("vllm") is not None:
+        return False
+    vllm = types.ModuleType("vllm")
+    vllm.__path__ = []
+    ops = types.ModuleType("vllm._custom_ops")
+    ops.rotary_embedding = rotary_embedding
+    vllm._custom_ops = ops
+    sys.modules["vllm"], sys.modules["vllm._custom_ops"] = vllm, ops
+    return True
+
+
+def install_cpu_shims() -> None:
+    install_torchvision_stub()
+    install_vllm_rotary_shim()
+
+
+def cpu_serve_argv(argv: list[str]) -> list[str]:
+    """``sglang serve`` arguments: ``argv`` plus each CPU default it does not set itself."""
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    out = list(argv)
+    for flag, value in CPU_SERVE_DEFAULTS:
+        if flag not in given:
+            out += [flag] if value is None else [flag, value]
+    return out
+
+
+def main(argv: list[str]) -> None:
+    if not argv or argv[0] != "serve":
+        raise SystemExit("usage: python -m sglang_dflash.cpu_shims serve --model-path DIR "
+                         "[sglang serve arguments]")
+    from sglang.cli.main import main as sglang_main
+
+    sys.argv = ["sglang", "serve", *cpu_serve_argv(argv[1:])]
+    print("sglang_dflash.cpu_shims:", " ".join(sys.argv), flush=True)
+    sglang_main()
+
+
+# "__mp_main__": SGLang's spawned children re-run this module before unpickling anything.
+if __name__ in ("__main__", "__mp_main__"):
+    install_cpu_shims()
+if __name__ == "__main__":
+    main(sys.argv[1:])
