@@ -29,7 +29,8 @@ def add_offline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drafter", default=None,
                    help="DFlash drafter checkpoint dir (default: the bundled tiny drafter)")
     p.add_argument("--prompts", type=Path, default=None,
-                   help="JSONL file, one {\"prompt\": ...} per line (default: bundled prompts)")
+                   help="JSONL file, one {\"prompt\": ...} per line (default: the tiny pair's prompts, "
+                        "or the bundled benchmark set for other targets)")
     p.add_argument("--num-prompts", type=int, default=None, help="use the first N after shuffling")
     p.add_argument("--shuffle-seed", type=int, default=None, help="shuffle the prompts with this seed")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -44,21 +45,16 @@ def add_offline_args(p: argparse.ArgumentParser) -> None:
                    help="directory for result.json and plots")
 
 
-def _read_prompts(path: Path) -> list[str]:
-    prompts = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"{path}:{n}: not JSON ({e.msg})")
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise SystemExit(f"{path}:{n}: expected an object with a string field 'prompt'")
-        prompts.append(row["prompt"])
-    if not prompts:
-        raise SystemExit(f"{path}: no prompts")
-    return prompts
+def _prompt_texts(args) -> list[str]:
+    """User text of each prompt: a JSONL file, else the tiny pair's prompts or the
+    bundled benchmark set (formatted as the online benchmark formats it)."""
+    from .bench_prompts import load_prompts
+    from .reference.tiny_pair import DEMO_PROMPTS
+
+    if args.prompts is None and args.target == TINY:
+        return list(DEMO_PROMPTS)
+    items = load_prompts(args.prompts, None, None, completions=True)
+    return [item.completion_prompt() for item in items]
 
 
 def select_prompts(prompts: list[str], num: int | None, seed: int | None) -> list[str]:
@@ -110,10 +106,7 @@ def _transformers_setup(args, texts):
 
 
 def run_offline(args) -> dict:
-    from .reference.tiny_pair import DEMO_PROMPTS
-
-    texts = _read_prompts(args.prompts) if args.prompts else list(DEMO_PROMPTS)
-    texts = select_prompts(texts, args.num_prompts, args.shuffle_seed)
+    texts = select_prompts(_prompt_texts(args), args.num_prompts, args.shuffle_seed)
     setup = _tiny_setup if args.target == TINY else _transformers_setup
     target, drafter, prompts, continue_greedy = setup(args, texts)
     L = args.block_size or drafter.cfg.block_size
@@ -156,7 +149,11 @@ def plot_offline(result: dict, path: Path) -> None:
 
 
 def main_offline(args) -> int:
-    result = run_offline(args)
+    try:
+        result = run_offline(args)
+    except ValueError as e:  # bad prompt file or arguments: say which, no traceback
+        print(f"bench offline: {e}", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_offline(result, args.out / "acceptance.png")

@@ -31,7 +31,7 @@ PROMPTS = [encode("")] + [encode(p) for p in DEMO_PROMPTS[:4]]
 @pytest.mark.parametrize("block_size", [16, 4], ids=["L16", "L4"])
 def test_greedy_equals_plain_on_ragged_batch(pair, block_size):
     target, drafter = pair
-    params = [_greedy(n) for n in (40, 7, 23, 40, 13)]  # several stop mid-block
+    params = [_greedy(n) for n in (30, 7, 23, 30, 13)]  # several stop mid-block
     plain = generate_plain(target, PROMPTS, params)
     spec = generate_dflash(target, drafter, PROMPTS, params, OPS, block_size=block_size)
     for p, s, prm in zip(plain, spec, params):
@@ -42,8 +42,9 @@ def test_greedy_equals_plain_on_ragged_batch(pair, block_size):
         # the prefill emits the first token, the steps the rest
         assert sum(s.commit_lens) == len(s.tokens) - 1
         assert all(1 <= n <= block_size for n in s.commit_lens)
-    # a trained drafter must actually be accepted
-    assert acceptance_length(spec) > 2.0
+    # a trained drafter must actually be accepted (it was trained at block 16; a smaller
+    # block caps tau at block_size and changes what the mask positions see)
+    assert acceptance_length(spec) > {16: 2.5, 4: 1.5}[block_size]
 
 
 def test_stop_token_inside_a_block(pair):
@@ -103,3 +104,16 @@ def test_untrained_drafter_is_lossless_but_not_accepted(pair):
     spec = generate_dflash(target, random_drafter, PROMPTS[:3], params, OPS)
     assert [s.tokens for s in spec] == [p.tokens for p in plain]
     assert acceptance_length(spec) < 1.5
+
+
+def test_triton_backend_emits_the_same_tokens_and_blocks(pair):
+    """Every op through its Triton kernel (interpreter on CPU) vs the torch twins."""
+    target, drafter = pair
+    prompts, params = PROMPTS[1:3], [_greedy(12), _greedy(9)]
+    reference = generate_dflash(target, drafter, prompts, params, OPS)
+    triton_ops = get_ops("triton")
+    t_target, t_drafter = load_tiny_pair()
+    use_ops(t_target, t_drafter, triton_ops)
+    fast = generate_dflash(t_target, t_drafter, prompts, params, triton_ops)
+    assert [r.tokens for r in fast] == [r.tokens for r in reference]
+    assert [r.commit_lens for r in fast] == [r.commit_lens for r in reference]

@@ -156,3 +156,27 @@ class KimiDeltaAttention(nn.Module):
         o = rms_norm(o, self.o_norm.weight.float(), self.eps) * gate
         out = linear(o.flatten(2).to(x.dtype), self.o_proj.weight, invariant)
         return out, KdaRecord(k, v, g, beta, conv_inputs)
+
+
+def verify_memory_per_request(num_kda_layers: int, num_heads: int, head_dim: int, conv_width: int,
+                              block_size: int, conv_dtype: torch.dtype) -> dict[str, int]:
+    """Bytes one request keeps across a verify block: the replay record vs the 16-state scheme.
+
+    Counted from the buffers themselves (allocated on the meta device, same shapes and
+    dtypes as ``KimiDeltaAttention.forward`` records), not from a formula.
+    """
+    L, H, K, C = block_size, num_heads, head_dim, 3 * num_heads * head_dim
+
+    def meta(*shape, dtype=torch.float32):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    record = KdaRecord(k=meta(1, L, H, K), v=meta(1, L, H, K), g=meta(1, L, H, K), beta=meta(1, L, H),
+                       conv_inputs=meta(1, L, C, dtype=conv_dtype))
+    record_bytes = sum(t.nbytes for t in vars(record).values())
+    state_bytes = meta(1, H, K, K).nbytes + meta(1, C, conv_width - 1, dtype=conv_dtype).nbytes
+    return {
+        "committed_state": num_kda_layers * state_bytes,
+        "replay_record": num_kda_layers * record_bytes,
+        # keeping the state after every block position instead, to scatter the accepted one
+        "intermediate_states": num_kda_layers * L * state_bytes,
+    }

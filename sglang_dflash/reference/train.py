@@ -26,13 +26,11 @@ from safetensors.torch import save_file
 from ..config import DrafterConfig
 from ..drafter import DFlashDrafter
 from .kimi_linear import KimiLinearForCausalLM, tiny_config
-from .loop import generate_plain
-from .sampling import SamplingParams
 from .tiny_pair import BOS, DRAFTER_DIR, EOS, PAD, TARGET_DIR, VOCAB_SIZE, encode
 
-SEQ_LEN = 96
+SEQ_LEN = 80
 PROMPT_LEN = 16
-GEN_LEN = 80
+GEN_LEN = 48
 BLOCK = 16
 TARGET_LAYER_IDS = (1, 3, 5)
 
@@ -76,7 +74,7 @@ def train_target(steps: int, seed: int, log_every: int = 25) -> KimiLinearForCau
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     t0 = time.time()
     for step in range(1, steps + 1):
-        ids = _batch([synthetic_document(rng) for _ in range(16)])
+        ids = _batch([synthetic_document(rng) for _ in range(8)])
         logits, _ = model.forward_train(ids[:, :-1])
         labels = ids[:, 1:].masked_fill(ids[:, 1:] == PAD, -100)
         loss = F.cross_entropy(logits.reshape(-1, VOCAB_SIZE), labels.reshape(-1), ignore_index=-100)
@@ -91,26 +89,32 @@ def train_target(steps: int, seed: int, log_every: int = 25) -> KimiLinearForCau
     return model.eval()
 
 
-def drafter_config(target: KimiLinearForCausalLM) -> DrafterConfig:
+def drafter_config(hidden_size: int, target_num_layers: int,
+                   target_layer_ids: tuple[int, ...] = TARGET_LAYER_IDS) -> DrafterConfig:
+    """The tiny drafter's shape for a target of this hidden size and depth."""
     return DrafterConfig(
-        hidden_size=target.config.hidden_size, num_hidden_layers=2, num_attention_heads=4,
+        hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, intermediate_size=128, rms_norm_eps=1e-6,
         rope_theta=10000.0, rope_scaling=None, max_position_embeddings=4096,
         attention_bias=False, block_size=BLOCK, mask_token_id=PAD,
-        target_layer_ids=TARGET_LAYER_IDS, vocab_size=VOCAB_SIZE,
-        target_num_layers=target.config.num_hidden_layers,
+        target_layer_ids=target_layer_ids, vocab_size=VOCAB_SIZE,
+        target_num_layers=target_num_layers,
     )
 
 
 @torch.no_grad()
 def target_sequences(target, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """n sequences of prompt (a corpus prefix) + the target's greedy continuation, and
-    the target features of every position: ids [n, P+G], features [n, P+G, F]."""
+    the target features of every position: ids [n, P+G], features [n, P+G, F].
+
+    Decoded as one batch with full re-forwards (no cache): fast enough at this size, and
+    the same greedy function of the weights as the cached decoder up to fp32 rounding.
+    """
     rng = random.Random(seed + 1)
-    prompts = [synthetic_document(rng)[:PROMPT_LEN] for _ in range(n)]
-    params = [SamplingParams(max_new_tokens=GEN_LEN, ignore_eos=True)] * n
-    results = generate_plain(target, prompts, params)
-    ids = torch.tensor([p + r.tokens for p, r in zip(prompts, results)])
+    ids = torch.tensor([synthetic_document(rng)[:PROMPT_LEN] for _ in range(n)])
+    for _ in range(GEN_LEN):
+        logits, _ = target.forward_train(ids)
+        ids = torch.cat([ids, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
     target.set_capture_layers(TARGET_LAYER_IDS)
     _, features = target.forward_train(ids)
     return ids, features
@@ -143,7 +147,7 @@ def drafter_loss(drafter, target, ids, features, anchors_per_seq: int, gen) -> t
     return (ce * valid).sum() / valid.sum()
 
 
-def train_drafter(target, steps: int, seed: int, n_seqs: int = 192, log_every: int = 50):
+def train_drafter(target, steps: int, seed: int, n_seqs: int = 64, log_every: int = 50):
     for p in target.parameters():
         p.requires_grad_(False)
     t0 = time.time()
@@ -151,7 +155,7 @@ def train_drafter(target, steps: int, seed: int, n_seqs: int = 192, log_every: i
     print(f"generated {n_seqs} greedy continuations ({time.time() - t0:.0f}s)", flush=True)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    drafter = DFlashDrafter(drafter_config(target))
+    drafter = DFlashDrafter(drafter_config(target.config.hidden_size, target.config.num_hidden_layers))
     opt = torch.optim.AdamW(drafter.parameters(), lr=2e-3, weight_decay=0.0)
     for step in range(1, steps + 1):
         rows = torch.randint(0, n_seqs, (16,), generator=gen)
@@ -195,14 +199,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target-out", type=Path, default=TARGET_DIR)
     parser.add_argument("--drafter-out", type=Path, default=DRAFTER_DIR)
-    parser.add_argument("--target-steps", type=int, default=300)
-    parser.add_argument("--drafter-steps", type=int, default=600)
+    parser.add_argument("--target-steps", type=int, default=150)
+    parser.add_argument("--drafter-steps", type=int, default=2000)
+    parser.add_argument("--drafter-seqs", type=int, default=256,
+                        help="target-generated sequences the drafter trains on")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     target = train_target(args.target_steps, args.seed)
     target.save_pretrained(args.target_out)
-    drafter = train_drafter(target, args.drafter_steps, args.seed)
+    drafter = train_drafter(target, args.drafter_steps, args.seed, n_seqs=args.drafter_seqs)
     save_drafter(drafter, args.drafter_out)
     print(f"wrote {args.target_out} and {args.drafter_out}")
     return 0

@@ -1,0 +1,69 @@
+"""`bench offline`: reproduces the reference teacher-forced tau; runs a transformers target."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sglang_dflash.backend import get_ops
+from sglang_dflash.bench_offline import add_offline_args, main_offline
+from sglang_dflash.reference.demo import use_ops
+from sglang_dflash.reference.offline import offline_acceptance
+from sglang_dflash.reference.tiny_pair import DEMO_PROMPTS, encode, load_tiny_pair
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
+
+
+def _args(argv):
+    parser = argparse.ArgumentParser()
+    add_offline_args(parser)
+    return parser.parse_args(argv)
+
+
+def test_tiny_pair_reproduces_the_reference_tau(tmp_path):
+    out = tmp_path / "bench"
+    assert main_offline(_args(["--max-new-tokens", "32", "--num-prompts", "3", "--out", str(out)])) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert (out / "acceptance.png").stat().st_size > 0
+
+    target, drafter = load_tiny_pair()
+    ops = get_ops("torch")
+    use_ops(target, drafter, ops)
+    stats, _ = offline_acceptance(target, drafter, ops, [encode(p) for p in DEMO_PROMPTS[:3]],
+                                  max_new_tokens=32)
+    assert result["tau"] == stats.tau
+    assert result["commit_len_counts"] == list(stats.commit_len_counts)
+    assert result["steps"] == stats.steps and result["num_prompts"] == 3
+    assert len(result["position_accept_rate"]) == drafter.cfg.block_size - 1
+
+
+def test_bad_prompt_file_names_the_line(tmp_path, capsys):
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt field"}\n')
+    assert main_offline(_args(["--prompts", str(bad), "--out", str(tmp_path / "o")])) == 2
+    err = capsys.readouterr().err
+    assert "line 2" in err and "prompt" in err
+
+
+def test_transformers_target_runs(tmp_path):
+    """A transformers Qwen3 target with a (random) drafter of its hidden size."""
+    from make_tiny_qwen3 import make_tiny_qwen3
+
+    from sglang_dflash.drafter import DFlashDrafter
+    from sglang_dflash.reference.train import drafter_config, save_drafter
+
+    target_dir = make_tiny_qwen3(tmp_path / "qwen3")
+    cfg = json.loads((target_dir / "config.json").read_text())
+    torch.manual_seed(0)
+    dcfg = drafter_config(cfg["hidden_size"], cfg["num_hidden_layers"], target_layer_ids=(0, 1))
+    save_drafter(DFlashDrafter(dcfg), tmp_path / "drafter")
+    out = tmp_path / "bench"
+    argv = ["--target", str(target_dir), "--drafter", str(tmp_path / "drafter"),
+            "--max-new-tokens", "12", "--num-prompts", "2", "--no-chat-template", "--out", str(out)]
+    assert main_offline(_args(argv)) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["num_prompts"] == 2 and result["steps"] >= 1
+    assert 1.0 <= result["tau"] <= 16.0
