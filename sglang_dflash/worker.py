@@ -1,0 +1,341 @@
+"""DFlashWorker: the DFlash step (reference/loop.py) as an SGLang 0.5.23 spec-v2 worker.
+
+The contract with SGLang 0.5.23's scheduler, as read from the installed wheel
+(managers/scheduler.py, speculative/dflash_worker_v2.py, speculative/dflash_info_v2.py,
+managers/utils.py, managers/scheduler_components/batch_result_processor.py):
+
+Construction. ``Scheduler.maybe_init_draft_worker`` builds the class that
+``SpeculativeAlgorithm.create_worker`` returns for DFLASH (plugin.py points it here) once
+per scheduler process, after the target ``TpModelWorker`` has loaded its weights and
+before any KV pool exists: ``DFlashWorker(server_args=, gpu_id=, nccl_port=,
+target_worker=)``. Settings this worker cannot serve (pp > 1, dp attention, topk > 1,
+draft window, HiCache, PD disaggregation, unified memory, LoRA, adaptive steps) are
+refused right there (``worker_config``), as is a drafter that does not fit the target.
+
+Start-up hooks, in this order: ``alloc_memory_pool(memory_pool_config=,
+req_to_token_pool=, token_to_kv_pool_allocator=)`` after the target's pools (for DFLASH
+SGLang's KV budget already counts the draft K/V bytes per token, computed from the
+drafter's config, so the draft pool allocated there fits);
+``init_hicache_draft_plan()``; ``init_attention_backends()`` and ``init_cuda_graphs()``,
+each after the target's; ``prewarm_sampling()``. The scheduler also reads
+``weight_load_time``, ``preloaded_weights_bytes``, ``graph_memory_usage``,
+``graph_time_usage``, ``draft_parallel_layout``, ``hicache_draft_plan``,
+``draft_swa_window`` and ``_draft_model_runners()``; ``BaseSpecWorker`` answers all of
+them from ``draft_worker``, which is None here (the drafter is a torch module, not an
+SGLang ModelRunner). Later: ``on_verify_complete_cpu`` after each verify result reaches
+the host, ``note_request_finished``, ``clear_cache_pool`` on a cache flush (no-ops).
+
+``forward_batch_generation(batch, on_publish=None, grammar_barrier=None,
+pp_proxy_tensors=None) -> GenerationBatchResult`` runs once per iteration inside the
+scheduler's ``_forward_isolation``, which undoes the worker's edits to the batch
+(``forward_mode``, ``input_ids``, ``out_cache_loc``, ``spec_info``) afterwards. Overlap
+and non-overlap scheduling call it the same way; under overlap ``on_publish`` is given
+and the next iteration may be prepared on the host while this one runs.
+
+- Extend (``forward_mode.is_extend()``: prefill, a prefill chunk, a mixed batch). The
+  batch carries ``input_ids`` and ``out_cache_loc [T]`` (the new tokens' KV slots),
+  host lists ``prefix_lens`` / ``extend_lens``, ``seq_lens [B]`` after the extend and
+  ``sampling_info``. The target runs it with ``CaptureHiddenMode.FULL`` and samples each
+  request's first token itself. Return the target's result with ``new_seq_lens =
+  seq_lens`` and ``next_draft_input = DFlashDraftInputV2(bonus_tokens=next_token_ids,
+  new_seq_lens=seq_lens)``, after ``on_publish(seq_lens)``. The draft context of every
+  new token must be written before returning: the scheduler may put the prompt into the
+  radix cache right after, and later requests reuse those slots.
+- Decode (``forward_mode.is_decode()``). No ``input_ids`` / ``out_cache_loc``:
+  ``spec_info`` is the ``DFlashDraftInputV2`` returned last time (under overlap its
+  ``bonus_tokens`` are resolved from the FutureMap), ``bonus_tokens [B]`` are the last
+  committed tokens, ``seq_lens [B]`` (device) and ``seq_lens_cpu`` the committed
+  lengths, and ``DFlashDraftInputV2.prepare_for_decode`` has already reserved KV slots
+  for positions ``seq_lens .. seq_lens + 2L - 1`` in ``req_to_token``. Return
+  ``GenerationBatchResult(next_token_ids [B*L], accept_lens [B] int32 = commit_len,
+  speculative_num_draft_tokens = L, new_seq_lens [B], next_draft_input =
+  DFlashDraftInputV2(bonus, new_seq_lens), logits_output, can_run_cuda_graph)``, calling
+  ``on_publish(new_seq_lens)`` as soon as they are known. The scheduler then reads row b
+  of ``next_token_ids`` (stride L) up to ``accept_lens[b]``, adds that to the request's
+  ``output_ids`` and ``kv_committed_len``, counts ``spec_verify_ct += 1``, and trims the
+  run at EOS / stop ids / ``max_new_tokens`` (``Req.update_finish_state``). Without
+  overlap it sets ``batch.seq_lens = new_seq_lens``. Reserved slots past the committed
+  length stay with the request (the next block overwrites them) until it is freed.
+- Idle (``forward_mode.is_idle()``): an empty result.
+
+The hybrid linear-attention state (Kimi-Linear's KDA layers) is committed after verify
+through SGLang's own ``update_mamba_state_after_mtp_verify`` on the target's attention
+backend, with ``last_correct_step_indices = commit_len - 1``: it scatters the verify's
+per-step states, replays the accepted prefix (ReplaySSM-KDA) or records the accept
+length (KDA fused-accept), whichever the target's backend was built for. The project's
+``kda_commit`` op serves the pure-torch reference engine; inside SGLang the verify
+kernels that would feed it belong to SGLang's KDA backend.
+
+The draft context K/V lives in a pool indexed by the target's KV slot ids: a slot gets
+its draft K/V whenever the target writes its KV (every extend token, every verify block
+position), so a radix-cache prefix hit finds the draft context of its tokens too, and
+positions a verify rejects are overwritten by a later block exactly as the target's are.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from sglang.srt.layers.logprob_processor import compute_spec_logprobs
+from sglang.srt.managers.utils import GenerationBatchResult
+from sglang.srt.runtime_context import get_parallel, mamba_track_grid
+from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
+from sglang.srt.speculative.dflash_info_v2 import DFlashDraftInputV2
+from sglang.srt.speculative.dflash_utils import apply_dflash_verify_logits_adjustments
+from sglang.srt.speculative.draft_worker_common import make_draft_input_v2
+from sglang.srt.speculative.spec_sampling_mask import SpeculativeSamplingMaskCapture
+from sglang.srt.speculative.spec_utils import GrammarTree, build_grammar_vocab_mask
+
+from .kernels.naive.greedy_head import combine_shards
+from .worker_config import WorkerConfig, read_server_settings, worker_config
+from .worker_steps import (
+    RowSampling,
+    SpecOutputs,
+    accept_block,
+    block_inputs,
+    context_slot_table,
+    extend_positions,
+    mamba_steps_to_track,
+    spec_outputs,
+)
+from .worker_target import SGLangTarget, load_drafter_for
+
+logger = logging.getLogger("sglang_dflash")
+
+
+def row_sampling(sampling_info) -> tuple[RowSampling | None, torch.Tensor | None]:
+    """The sampled rows' parameters (None: all greedy) and the greedy-row mask (None: none).
+
+    SGLang stores temperature 0 as top_k 1 (and temperature 1), so a row is greedy
+    exactly when its top_k is 1.
+    """
+    if sampling_info is None or sampling_info.is_all_greedy:
+        return None, None
+    sampling = RowSampling(
+        temperatures=sampling_info.temperatures.reshape(-1),
+        top_ks=sampling_info.top_ks.reshape(-1),
+        top_ps=sampling_info.top_ps.reshape(-1),
+        min_ps=sampling_info.min_ps.reshape(-1),
+        need_top_k=bool(sampling_info.need_top_k_sampling),
+        max_top_k=sampling_info.max_top_k,
+        need_top_p=bool(sampling_info.need_top_p_sampling),
+        need_min_p=bool(sampling_info.need_min_p_sampling),
+    )
+    greedy_rows = sampling_info.top_ks.reshape(-1) <= 1 if sampling_info.is_any_greedy else None
+    return sampling, greedy_rows
+
+
+class DFlashWorker(BaseSpecWorker):
+    """Prefill with feature capture, then per decode step: draft -> verify -> accept -> commit."""
+
+    def __init__(self, server_args, gpu_id: int, nccl_port: int, target_worker):
+        device = target_worker.model_runner.model.lm_head.weight.device
+        cfg = worker_config(read_server_settings(str(device)))
+        drafter = load_drafter_for(cfg, target_worker.model_runner, device)
+        tp_group = get_parallel().tp_group if cfg.tp_size > 1 else None
+        self._setup(target_worker, cfg, drafter, SGLangTarget(target_worker, cfg.block_size), tp_group)
+
+    @classmethod
+    def from_parts(cls, target_worker, cfg: WorkerConfig, drafter, target, tp_group=None) -> DFlashWorker:
+        """A worker over given parts, without reading SGLang's runtime context (tests)."""
+        worker = cls.__new__(cls)
+        worker._setup(target_worker, cfg, drafter, target, tp_group)
+        return worker
+
+    def _setup(self, target_worker, cfg: WorkerConfig, drafter, target, tp_group) -> None:
+        super().__init__()
+        self._target_worker = target_worker
+        # no SGLang draft worker: every draft-runner hook of BaseSpecWorker sees None
+        self._draft_worker = None
+        self.cfg, self.drafter, self.target, self.tp_group = cfg, drafter, target, tp_group
+        self.block_size = cfg.block_size
+        self.mask_token_id = drafter.cfg.mask_token_id
+        self.device = target.lm_head_weight.device
+        self.pool = None
+        self.pool_slots = 0
+        self.commit_linear_state = False
+        logger.info("DFlash worker: drafter %s, block %d, ops %s, tp %d", cfg.drafter_path,
+                    cfg.block_size, cfg.op_backend, cfg.tp_size)
+
+    # ---- start-up hooks ----
+
+    def alloc_memory_pool(self, memory_pool_config=None, req_to_token_pool=None,
+                          token_to_kv_pool_allocator=None):
+        super().alloc_memory_pool(memory_pool_config, req_to_token_pool, token_to_kv_pool_allocator)
+        # one draft-context row per slot id the target's allocator can hand out (slot 0 is
+        # SGLang's padding slot); SGLang's KV budget already set aside room for it
+        self.pool_slots = token_to_kv_pool_allocator.size + token_to_kv_pool_allocator.page_size
+        self.pool = self.drafter.new_pool(self.pool_slots)
+
+    def init_attention_backends(self):
+        self.commit_linear_state = self.target.has_linear_state()
+
+    # ---- the step ----
+
+    def forward_batch_generation(self, batch, on_publish=None, grammar_barrier=None,
+                                 pp_proxy_tensors=None) -> GenerationBatchResult:
+        if pp_proxy_tensors is not None:
+            raise ValueError("DFlash worker: pipeline parallelism is not supported")
+        if batch.forward_mode.is_extend() or batch.is_extend_in_batch:
+            return self._extend(batch, on_publish)
+        if batch.forward_mode.is_idle():
+            return self._idle(on_publish)
+        return self._decode(batch, on_publish, grammar_barrier)
+
+    def _extend(self, batch, on_publish) -> GenerationBatchResult:
+        self._check_pool()
+        out = self.target.extend(batch)
+        out.new_seq_lens = batch.seq_lens
+        if on_publish is not None:
+            on_publish(batch.seq_lens)
+        features = self._features(out.logits_output, batch.out_cache_loc.shape[0])
+        positions = extend_positions(batch.prefix_lens, batch.extend_lens, features.device)
+        self.drafter.append_context(self.pool, features, positions, batch.out_cache_loc)
+        # the overlap scheduler would copy it to the host otherwise
+        out.logits_output.hidden_states = None
+        out.next_draft_input = make_draft_input_v2(bonus_tokens=out.next_token_ids, new_seq_lens=batch.seq_lens)
+        return out
+
+    def _idle(self, on_publish) -> GenerationBatchResult:
+        empty = DFlashDraftInputV2.create_idle_input(device=self.device)
+        if on_publish is not None:
+            on_publish(empty.new_seq_lens)
+        return GenerationBatchResult(
+            logits_output=None,
+            next_token_ids=torch.empty((0,), dtype=torch.int64, device=self.device),
+            accept_lens=torch.empty((0,), dtype=torch.int32, device=self.device),
+            next_draft_input=empty,
+            can_run_cuda_graph=False,
+            speculative_num_draft_tokens=self.block_size,
+            new_seq_lens=empty.new_seq_lens,
+        )
+
+    def _decode(self, batch, on_publish, grammar_barrier) -> GenerationBatchResult:
+        draft_input = batch.spec_info
+        if not isinstance(draft_input, DFlashDraftInputV2):
+            raise RuntimeError(f"DFlash decode expected batch.spec_info to be a DFlashDraftInputV2, "
+                               f"got {type(draft_input).__name__}")
+        seq_lens = batch.seq_lens  # [B] committed lengths
+        if seq_lens.is_cuda:
+            # under overlap, seq_lens may come from the previous iteration's stream
+            seq_lens.record_stream(torch.cuda.current_stream(seq_lens.device))
+        B, L = seq_lens.shape[0], self.block_size
+        block_ids, positions, cache_loc = block_inputs(
+            draft_input.bonus_tokens, seq_lens, batch.req_pool_indices, self.target.req_to_token,
+            self.mask_token_id, L)
+        candidates = self._draft(batch, block_ids, positions)
+        grammar_tree = GrammarTree.from_linear_chain(candidates) if batch.has_grammar else None
+
+        target_out = self.target.verify(batch, candidates, positions, cache_loc)
+        logits_output = target_out.logits_output
+        logits = self._verify_logits(batch, logits_output, grammar_tree, grammar_barrier)
+        sampling, greedy_rows = row_sampling(batch.sampling_info)
+        accept_len, emitted = accept_block(self.drafter.ops, candidates, logits.reshape(B, L, -1),
+                                           sampling, greedy_rows)
+        out = spec_outputs(accept_len, emitted, seq_lens)
+        # requests asking for the support of their sampling distribution (return_sampling_mask)
+        capture = SpeculativeSamplingMaskCapture.from_logits(
+            batch.sampling_info, next_token_logits=logits, draft_input=draft_input, draft_token_num=L, bs=B)
+        if capture is not None:
+            logits_output.sampling_mask_output = capture.build_output(
+                out_tokens=out.next_token_ids.view(B, L), commit_lens=out.commit_lens)
+        if batch.return_logprob:
+            compute_spec_logprobs(batch, logits_output, out.next_token_ids, chain_stride=L)
+        if self.commit_linear_state:
+            self._commit_linear_state(batch, seq_lens, out)
+        if on_publish is not None:
+            on_publish(out.new_seq_lens)
+
+        # the draft context of every block position, at the slots the verify wrote
+        features = self._features(logits_output, B * L)
+        self.drafter.append_context(self.pool, features, positions.reshape(-1), cache_loc.reshape(-1))
+        logits_output.hidden_states = None
+        return GenerationBatchResult(
+            logits_output=logits_output,
+            next_token_ids=out.next_token_ids,
+            accept_lens=out.commit_lens,
+            can_run_cuda_graph=target_out.can_run_cuda_graph,
+            next_draft_input=make_draft_input_v2(bonus_tokens=out.bonus, new_seq_lens=out.new_seq_lens),
+            speculative_num_draft_tokens=L,
+            new_seq_lens=out.new_seq_lens,
+            routed_experts_output=target_out.routed_experts_output,
+            indexer_topk_output=target_out.indexer_topk_output,
+        )
+
+    # ---- pieces of the step ----
+
+    def _draft(self, batch, block_ids, positions) -> torch.Tensor:
+        """candidates [B, L]: the bonus token followed by L-1 greedy drafts."""
+        B, L = block_ids.shape
+        slot_table = context_slot_table(self.target.req_to_token, batch.req_pool_indices, batch.seq_lens,
+                                        self._host_max_seq_len(batch))
+        embeds = self.target.embed_tokens(block_ids.reshape(-1)).view(B, L, -1)
+        hidden = self.drafter.forward_block(self.pool, embeds, positions, slot_table, batch.seq_lens)
+        drafts = self._greedy_tokens(hidden[:, 1:].reshape(B * (L - 1), -1))
+        return torch.cat([block_ids[:, :1], drafts.to(torch.int64).view(B, L - 1)], dim=1)
+
+    def _greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[T] argmax of hidden [T, H] through the target's lm_head (all vocab shards)."""
+        local_max, local_ids = self.drafter.ops.greedy_head(
+            hidden, self.target.lm_head_weight, self.target.vocab_start)
+        if self.tp_group is None:
+            return local_ids
+        P, T = self.cfg.tp_size, hidden.shape[0]
+        gathered_max = local_max.new_empty((P * T,))
+        gathered_ids = local_ids.new_empty((P * T,))
+        self.tp_group.all_gather_into_tensor(gathered_max, local_max.contiguous())
+        self.tp_group.all_gather_into_tensor(gathered_ids, local_ids.contiguous())
+        # highest logit over the shards, ties to the lowest token id (one full-vocab argmax)
+        return combine_shards(gathered_max.view(P, T), gathered_ids.view(P, T))
+
+    def _verify_logits(self, batch, logits_output, grammar_tree, grammar_barrier) -> torch.Tensor:
+        """[B*L, V] verify logits after SGLang's per-request adjustments and grammar masks."""
+        logits = logits_output.next_token_logits
+        if batch.sampling_info is not None:
+            # penalties, logit bias and custom logit processors, as SGLang's sampler applies them
+            apply_dflash_verify_logits_adjustments(
+                next_token_logits=logits, sampling_info=batch.sampling_info, draft_token_num=self.block_size)
+        if grammar_tree is not None:
+            mask = build_grammar_vocab_mask(reqs=batch.reqs, tree=grammar_tree, sampling_info=batch.sampling_info,
+                                            device=logits.device, barrier=grammar_barrier)
+            if mask is not None:
+                mask.apply(logits)
+        return logits
+
+    def _commit_linear_state(self, batch, seq_lens_pre: torch.Tensor, out: SpecOutputs) -> None:
+        steps_to_track = None
+        if batch.mamba_track_indices is not None:
+            # radix caching of linear-attention states: also keep the state at the block
+            # step where the request crossed a checkpoint boundary
+            interval = mamba_track_grid(batch.tree_cache.page_size)
+            steps_to_track = mamba_steps_to_track(seq_lens_pre, out.new_seq_lens, out.commit_lens, interval)
+        self.target.commit_linear_state(batch, out.commit_lens.to(torch.int64) - 1, steps_to_track)
+
+    def _features(self, logits_output, num_tokens: int) -> torch.Tensor:
+        """[T, K*H] target features of the forward, checked against the drafter's fc input."""
+        features = logits_output.hidden_states
+        width = self.drafter.cfg.num_target_layers * self.drafter.cfg.hidden_size
+        if features is None:
+            raise RuntimeError("DFlash: the target returned no captured hidden states; the target "
+                               "model needs set_dflash_layers_to_capture (see plugin.py)")
+        if tuple(features.shape) != (num_tokens, width):
+            raise RuntimeError(f"DFlash: captured target features {tuple(features.shape)}, expected "
+                               f"({num_tokens}, {width}) = (tokens, target layers x hidden)")
+        return features
+
+    def _host_max_seq_len(self, batch) -> int:
+        """A host-side upper bound on the batch's committed lengths (no device sync)."""
+        if batch.seq_lens_cpu is not None:
+            return int(batch.seq_lens_cpu.max())
+        reserved = batch.spec_info.nxt_kv_lens_cpu
+        if reserved is not None:
+            return int(reserved.max())
+        raise RuntimeError("DFlash decode: neither batch.seq_lens_cpu nor the reserved lengths are on the host")
+
+    def _check_pool(self) -> None:
+        allocator = self.token_to_kv_pool_allocator
+        if allocator.size + allocator.page_size > self.pool_slots:
+            raise RuntimeError(f"DFlash draft pool holds {self.pool_slots} slots but the target's KV "
+                               f"allocator now hands out {allocator.size + allocator.page_size} "
+                               "(resized after start-up?)")

@@ -1,0 +1,101 @@
+"""The worker's configuration, read once from SGLang's resolved settings at start-up.
+
+``read_server_settings`` is the only place the worker reads SGLang's runtime context or
+the environment; ``worker_config`` turns those settings into a frozen ``WorkerConfig`` or
+refuses the combination with one error that lists every reason.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .backend import BACKENDS
+
+# op backend: "triton" kernels or "torch" twins; unset = triton on CUDA, torch elsewhere
+OPS_ENV = "SGLANG_DFLASH_OPS"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The SGLang settings the DFlash worker depends on, as resolved at start-up."""
+
+    drafter_path: str | None
+    block_size: int | None  # --speculative-num-draft-tokens
+    device: str
+    tp_size: int
+    pp_size: int
+    dp_attention: bool
+    topk: int | None  # --speculative-eagle-topk
+    draft_window_size: int | None
+    hierarchical_cache: bool
+    disaggregation_mode: str
+    unified_memory: bool
+    lora: bool
+    adaptive: bool
+    ops_env: str | None  # the value of SGLANG_DFLASH_OPS
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    drafter_path: str
+    block_size: int
+    op_backend: str
+    tp_size: int
+
+
+def read_server_settings(device: str) -> ServerSettings:
+    """The settings of this SGLang process (scheduler side, runtime context published)."""
+    from sglang.srt.runtime_context import get_disagg, get_lora, get_memory, get_parallel, get_spec
+
+    spec, memory, parallel = get_spec(), get_memory(), get_parallel()
+    return ServerSettings(
+        drafter_path=spec.speculative_draft_model_path,
+        block_size=spec.speculative_num_draft_tokens,
+        device=device,
+        tp_size=int(parallel.tp_size),
+        pp_size=int(parallel.pp_size),
+        dp_attention=bool(parallel.attn_dp_enabled),
+        topk=spec.speculative_eagle_topk,
+        draft_window_size=spec.speculative_draft_window_size,
+        hierarchical_cache=bool(memory.enable_hierarchical_cache),
+        disaggregation_mode=str(get_disagg().disaggregation_mode),
+        unified_memory=bool(memory.enable_unified_memory),
+        lora=bool(get_lora().enable_lora),
+        adaptive=bool(spec.speculative_adaptive),
+        ops_env=os.environ.get(OPS_ENV),
+    )
+
+
+def _problems(s: ServerSettings) -> list[str]:
+    refusals = [
+        (s.drafter_path is None, "--speculative-draft-model-path is required (the DFlash drafter directory)"),
+        (s.block_size is None or s.block_size < 2,
+         f"--speculative-num-draft-tokens must be >= 2 (the block size), got {s.block_size}"),
+        (s.pp_size != 1, f"pipeline parallelism is not supported (--pp-size {s.pp_size}); use 1"),
+        (s.dp_attention, "--enable-dp-attention is not supported"),
+        (s.topk not in (None, 1), f"DFlash verifies a chain: --speculative-eagle-topk must be 1, got {s.topk}"),
+        (s.draft_window_size is not None,
+         "--speculative-draft-window-size is not supported (the draft attends to the whole context)"),
+        (s.hierarchical_cache, "--enable-hierarchical-cache is not supported (the draft context KV "
+                               "is not backed up to host memory)"),
+        (s.disaggregation_mode != "null",
+         f"prefill/decode disaggregation is not supported (--disaggregation-mode {s.disaggregation_mode})"),
+        (s.unified_memory, "--enable-unified-memory is not supported (the draft pool is indexed by "
+                           "SGLang's token slot ids)"),
+        (s.lora, "--enable-lora is not supported (the drafter borrows the base embed_tokens and lm_head)"),
+        (s.adaptive, "--speculative-adaptive is not supported (the block size is fixed)"),
+        (s.ops_env is not None and s.ops_env not in BACKENDS,
+         f"{OPS_ENV}={s.ops_env!r}: expected one of {BACKENDS}"),
+    ]
+    return [message for refused, message in refusals if refused]
+
+
+def worker_config(s: ServerSettings) -> WorkerConfig:
+    """The worker's config, or a ValueError naming every unsupported setting."""
+    problems = _problems(s)
+    if problems:
+        raise ValueError("DFlash worker cannot start:\n" + "\n".join(f"  - {p}" for p in problems))
+    backend = s.ops_env or ("triton" if s.device.startswith("cuda") else "torch")
+    return WorkerConfig(drafter_path=s.drafter_path, block_size=int(s.block_size),
+                        op_backend=backend, tp_size=s.tp_size)

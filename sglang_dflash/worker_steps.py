@@ -1,0 +1,225 @@
+"""The tensor steps of the DFlash worker, free of SGLang objects.
+
+Each function takes plain tensors (device from the inputs) and returns plain tensors, so
+the tests drive them with real SGLang pools and batch fields and compare them with the
+reference loop (``reference/loop.py``), which is the specification of the step:
+
+  block inputs   block = [bonus, MASK x (L-1)] at positions seq_len .. seq_len+L-1, and
+                 the KV slots SGLang reserved for those positions (``req_to_token``)
+  context table  the slots of positions 0 .. seq_len-1, the draft context
+  accept         greedy rows through ``accept_greedy``, sampled rows through
+                 ``accept_sampled``; probabilities as SGLang's sampler defines them
+  outputs        what the scheduler reads back: emitted tokens, ``accept_lens``
+                 (= ``commit_len``), the next bonus and the next ``seq_lens``
+
+Stop conditions (EOS, stop ids, ``max_new_tokens``) are not applied here: SGLang's
+scheduler trims each request's accepted run in ``Req.update_finish_state``, so the ops
+run with no stop ids and an unlimited budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .backend import Ops
+
+
+def extend_positions(prefix_lens: list[int], extend_lens: list[int], device) -> torch.Tensor:
+    """[T] absolute positions of an extend batch's new tokens, requests back to back.
+
+    E.g. prefix_lens [0, 5], extend_lens [3, 2] -> [0, 1, 2, 5, 6].
+    """
+    if len(prefix_lens) != len(extend_lens):
+        raise ValueError(f"prefix_lens has {len(prefix_lens)} entries but extend_lens has {len(extend_lens)}")
+    starts = torch.tensor(prefix_lens, dtype=torch.int64)
+    counts = torch.tensor(extend_lens, dtype=torch.int64)
+    if (counts < 0).any() or (starts < 0).any():
+        raise ValueError(f"negative prefix or extend length: {prefix_lens}, {extend_lens}")
+    first = torch.cumsum(counts, 0) - counts  # index of each request's first new token
+    offsets = torch.arange(int(counts.sum())) - torch.repeat_interleave(first, counts)
+    return (torch.repeat_interleave(starts, counts) + offsets).to(device)
+
+
+def block_inputs(
+    bonus: torch.Tensor,  # [B] last committed token of each request
+    seq_lens: torch.Tensor,  # [B] committed lengths = position of the bonus token
+    req_pool_indices: torch.Tensor,  # [B] rows of req_to_token
+    req_to_token: torch.Tensor,  # [R, C] KV slot of each (request row, position)
+    mask_token_id: int,
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """block_ids [B, L], positions [B, L], cache_loc [B, L] of one draft/verify block.
+
+    cache_loc are the slots SGLang reserved for the block's positions (it keeps about two
+    blocks per request allocated ahead of ``seq_lens``); the target's verify and the draft
+    context both write there.
+    """
+    B, L = bonus.shape[0], block_size
+    if seq_lens.shape != (B,) or req_pool_indices.shape != (B,):
+        raise ValueError(f"seq_lens {tuple(seq_lens.shape)} and req_pool_indices "
+                         f"{tuple(req_pool_indices.shape)} must both be ({B},) like bonus")
+    block_ids = torch.full((B, L), mask_token_id, dtype=torch.int64, device=bonus.device)
+    block_ids[:, 0] = bonus
+    positions = seq_lens.to(torch.int64)[:, None] + torch.arange(L, device=bonus.device)[None, :]
+    rows = req_pool_indices.to(torch.int64)[:, None]
+    cache_loc = req_to_token[rows, positions].to(torch.int64)
+    return block_ids, positions, cache_loc
+
+
+def context_slot_table(
+    req_to_token: torch.Tensor,  # [R, C]
+    req_pool_indices: torch.Tensor,  # [B]
+    ctx_lens: torch.Tensor,  # [B] context length of each request (= seq_lens)
+    max_ctx: int,
+) -> torch.Tensor:
+    """slot_table [B, S]: the draft-context slots of positions 0..ctx_len-1, 0 past them.
+
+    S = max(max_ctx, 1) is a host-side bound on ``ctx_lens`` (SGLang's ``seq_lens_cpu``),
+    so building the table never waits on the device.
+    """
+    S = max(int(max_ctx), 1)
+    if S > req_to_token.shape[1]:
+        raise ValueError(f"context bound {S} exceeds req_to_token width {req_to_token.shape[1]}")
+    table = req_to_token[req_pool_indices.to(torch.int64), :S].to(torch.int64)
+    cols = torch.arange(S, device=table.device)[None, :]
+    return torch.where(cols < ctx_lens.to(torch.int64)[:, None], table, 0)
+
+
+@dataclass(frozen=True)
+class RowSampling:
+    """Per-request sampling parameters as SGLang's ``SamplingBatchInfo`` holds them, with
+    its host-side flags, which let ``verify_probs`` skip the filters no row uses."""
+
+    temperatures: torch.Tensor  # [B] > 0 (greedy rows carry 1.0 and top_k 1)
+    top_ks: torch.Tensor  # [B] >= 1; values >= V mean no top-k
+    top_ps: torch.Tensor  # [B] in (0, 1]
+    min_ps: torch.Tensor  # [B] in [0, 1); 0 disables min-p
+    need_top_k: bool = True
+    # host bound on every row's top_k (None: unknown, or some row keeps the whole vocab)
+    max_top_k: int | None = None
+    need_top_p: bool = True
+    need_min_p: bool = True
+
+
+def _descending(x: torch.Tensor, bound: int | None) -> torch.Tensor:
+    """x sorted descending on the last dim, or only its ``bound`` largest values."""
+    if bound is not None and bound < x.shape[-1]:
+        return x.topk(bound, dim=-1).values
+    return x.sort(dim=-1, descending=True).values
+
+
+def verify_probs(logits: torch.Tensor, sampling: RowSampling) -> torch.Tensor:
+    """probs [B, L, V] fp32: temperature, then top-k, softmax, top-p, then min-p.
+
+    Row by row this is ``reference.sampling.probs_from_logits`` (ties at the top-k and
+    top-p boundaries keep every tied token), plus SGLang's min-p, applied last. With a
+    top-k bound K, only the K largest values are sorted: every token past them has
+    probability 0 after top-k, so top-p never needs them.
+    """
+    B, L, V = logits.shape
+    scaled = logits.float() / sampling.temperatures.float().view(B, 1, 1)
+    bound = sampling.max_top_k if sampling.need_top_k else None
+    if sampling.need_top_k:
+        head = _descending(scaled, bound)
+        k = sampling.top_ks.to(torch.int64).clamp(1, head.shape[-1]).view(B, 1, 1).expand(B, L, 1)
+        scaled = scaled.masked_fill(scaled < head.gather(-1, k - 1), float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+
+    if sampling.need_top_p:
+        top_p = sampling.top_ps.float().view(B, 1, 1)
+        sorted_probs = _descending(probs, bound)
+        # mass strictly before each sorted token; top_p == 1 keeps all (cumsum may round up)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        keep = (before < top_p) | (top_p >= 1.0)
+        threshold = sorted_probs.masked_fill(~keep, float("inf")).min(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < threshold, 0.0)
+
+    if sampling.need_min_p:
+        min_p = sampling.min_ps.float().view(B, 1, 1)
+        probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def accept_block(
+    ops: Ops,
+    candidates: torch.Tensor,  # [B, L]
+    logits: torch.Tensor,  # [B, L, V] target logits after each candidate
+    sampling: RowSampling | None,  # None: every row is greedy
+    greedy_rows: torch.Tensor | None,  # [B] bool, needed when some rows sample
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """accept_len [B] int64, emitted [B, L] int64 (-1 past commit_len).
+
+    A batch mixing greedy and sampled rows runs both kernels on all rows and picks per
+    row, so no row list has to come back from the device.
+    """
+    B, L = candidates.shape
+    if logits.shape[:2] != (B, L):
+        raise ValueError(f"logits {tuple(logits.shape)} do not match candidates {tuple(candidates.shape)}")
+    device = candidates.device
+    # the scheduler applies stops and max_new_tokens; the ops get no stop ids, no cap
+    remaining = torch.full((B,), L, dtype=torch.int64, device=device)
+    stops = torch.empty((B, 0), dtype=torch.int64, device=device)
+    if sampling is None:
+        accept_len, emitted, _ = ops.accept_greedy(candidates, logits.argmax(dim=-1), remaining, stops)
+        return accept_len.to(torch.int64), emitted.to(torch.int64)
+
+    probs = verify_probs(logits, sampling)
+    u_accept = torch.rand((B, L), dtype=torch.float32, device=device)
+    u_sample = torch.rand((B,), dtype=torch.float32, device=device)
+    accept_len, emitted, _ = ops.accept_sampled(candidates, probs, u_accept, u_sample, remaining, stops)
+    accept_len, emitted = accept_len.to(torch.int64), emitted.to(torch.int64)
+    if greedy_rows is None:
+        return accept_len, emitted
+    g_len, g_emitted, _ = ops.accept_greedy(candidates, logits.argmax(dim=-1), remaining, stops)
+    accept_len = torch.where(greedy_rows, g_len.to(torch.int64), accept_len)
+    emitted = torch.where(greedy_rows[:, None], g_emitted.to(torch.int64), emitted)
+    return accept_len, emitted
+
+
+@dataclass(frozen=True)
+class SpecOutputs:
+    """One verify step as SGLang's scheduler reads it back."""
+
+    next_token_ids: torch.Tensor  # [B * L] int64; row b's first commit_len[b] are its tokens
+    commit_lens: torch.Tensor  # [B] int32, SGLang's ``accept_lens`` (bonus included)
+    bonus: torch.Tensor  # [B] int64, the next block's column 0
+    new_seq_lens: torch.Tensor  # [B] int64
+
+
+def spec_outputs(
+    accept_len: torch.Tensor,  # [B]
+    emitted: torch.Tensor,  # [B, L], -1 past commit_len
+    seq_lens: torch.Tensor,  # [B] committed lengths before the step
+) -> SpecOutputs:
+    """E.g. accept_len [2, 0], emitted [[7, 8, 9, -1], [5, -1, -1, -1]], seq_lens [10, 4]
+    -> next_token_ids [7, 8, 9, 0, 5, 0, 0, 0], commit_lens [3, 1], bonus [9, 5],
+    new_seq_lens [13, 5]."""
+    accept_len = accept_len.to(torch.int64)
+    bonus = emitted.gather(1, accept_len[:, None]).squeeze(1).to(torch.int64)
+    # consumers that gather by token id (logprobs) also read the padding: keep it in range
+    next_token_ids = emitted.clamp_min(0).to(torch.int64).reshape(-1)
+    commit_lens = (accept_len + 1).to(torch.int32)
+    new_seq_lens = seq_lens.to(torch.int64) + accept_len + 1
+    return SpecOutputs(next_token_ids, commit_lens, bonus, new_seq_lens)
+
+
+def mamba_steps_to_track(
+    seq_lens_pre: torch.Tensor,  # [B] before the verify
+    seq_lens_post: torch.Tensor,  # [B] after the commit
+    commit_lens: torch.Tensor,  # [B]
+    interval: int,
+) -> torch.Tensor:
+    """[B] int64: block step whose linear-attention state the radix cache keeps, or -1.
+
+    With mamba radix tracking, SGLang checkpoints a request's state each time its length
+    crosses a multiple of ``interval``; the state after position p is the verify step
+    p - seq_len_pre. E.g. interval 8, pre 6, commit 4 (post 10): the crossing at 8 is
+    the state after position 7 = step 1. A crossing past the committed steps is skipped.
+    """
+    crosses = seq_lens_pre // interval != seq_lens_post // interval
+    boundary = seq_lens_post // interval * interval
+    step = torch.clamp(boundary - seq_lens_pre - 1, min=0)
+    keep = crosses & (step < commit_lens.to(step.dtype))
+    return torch.where(keep, step, torch.full_like(step, -1)).to(torch.int64)
