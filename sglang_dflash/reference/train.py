@@ -1,13 +1,14 @@
 """Make the tiny bundled pair: train a tiny Kimi-Linear-shaped target on a synthetic byte
 corpus, then train a DFlash drafter on the target's own greedy continuations.
 
-    python -m sglang_dflash.reference.train [--out DIR] [--target-steps N] [--drafter-steps N]
+    python -m sglang_dflash.reference.train [--target-out DIR] [--drafter-out DIR] [--target-steps N] ...
 
 The drafter objective is DFlash's: pick anchor positions s in a target-generated sequence,
 feed the block [token s, MASK x (L-1)] with the target features of positions < s as
 context, and predict token s + j at block position j (same-position prediction), with
 cross-entropy through the target's frozen lm_head, weighted towards early positions.
-Deterministic for a given seed on one machine; takes a few minutes on two CPU cores.
+Deterministic for a given seed on one machine; the defaults took about 35 minutes on two
+busy CPU cores (the target steps dominate).
 """
 
 from __future__ import annotations
@@ -67,25 +68,36 @@ def _batch(docs: list[list[int]]) -> torch.Tensor:
     return out
 
 
+def _optimize(name: str, params, loss_fn, steps: int, lr: float, weight_decay: float,
+              log_every: int) -> None:
+    """AdamW with a cosine schedule and gradient clipping; ``loss_fn()`` draws a batch."""
+    params = list(params)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        loss = loss_fn()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        opt.step()
+        if step % log_every == 0 or step == steps:
+            print(f"{name} step {step}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
+
+
 def train_target(steps: int, seed: int, log_every: int = 25) -> KimiLinearForCausalLM:
     torch.manual_seed(seed)
     rng = random.Random(seed)
     model = KimiLinearForCausalLM(tiny_config(vocab_size=VOCAB_SIZE))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    t0 = time.time()
-    for step in range(1, steps + 1):
+
+    def loss_fn():
         ids = _batch([synthetic_document(rng) for _ in range(8)])
         logits, _ = model.forward_train(ids[:, :-1])
         labels = ids[:, 1:].masked_fill(ids[:, 1:] == PAD, -100)
-        loss = F.cross_entropy(logits.reshape(-1, VOCAB_SIZE), labels.reshape(-1), ignore_index=-100)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        for group in opt.param_groups:
-            group["lr"] = 3e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
-        opt.step()
-        if step % log_every == 0 or step == steps:
-            print(f"target step {step}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
+        return F.cross_entropy(logits.reshape(-1, VOCAB_SIZE), labels.reshape(-1), ignore_index=-100)
+
+    _optimize("target", model.parameters(), loss_fn, steps, 3e-3, 0.01, log_every)
     return model.eval()
 
 
@@ -147,7 +159,7 @@ def drafter_loss(drafter, target, ids, features, anchors_per_seq: int, gen) -> t
     return (ce * valid).sum() / valid.sum()
 
 
-def train_drafter(target, steps: int, seed: int, n_seqs: int = 64, log_every: int = 50):
+def train_drafter(target, steps: int, seed: int, n_seqs: int = 256, log_every: int = 50):
     for p in target.parameters():
         p.requires_grad_(False)
     t0 = time.time()
@@ -156,18 +168,12 @@ def train_drafter(target, steps: int, seed: int, n_seqs: int = 64, log_every: in
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     drafter = DFlashDrafter(drafter_config(target.config.hidden_size, target.config.num_hidden_layers))
-    opt = torch.optim.AdamW(drafter.parameters(), lr=2e-3, weight_decay=0.0)
-    for step in range(1, steps + 1):
+
+    def loss_fn():
         rows = torch.randint(0, n_seqs, (16,), generator=gen)
-        loss = drafter_loss(drafter, target, ids[rows], features[rows], 4, gen)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
-        for group in opt.param_groups:
-            group["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
-        opt.step()
-        if step % log_every == 0 or step == steps:
-            print(f"drafter step {step}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
+        return drafter_loss(drafter, target, ids[rows], features[rows], 4, gen)
+
+    _optimize("drafter", drafter.parameters(), loss_fn, steps, 2e-3, 0.0, log_every)
     return drafter.eval()
 
 
