@@ -8,7 +8,7 @@ import torch
 
 from ..backend import get_ops
 from .loop import generate_dflash, generate_plain
-from .offline import acceptance_stats, offline_acceptance
+from .offline import acceptance_stats, teacher_forced_commit_lens
 from .sampling import SamplingParams
 from .tiny_pair import DEMO_PROMPTS, decode, encode, load_tiny_pair
 
@@ -44,8 +44,9 @@ def run_demo(backend: str = "torch", max_new_tokens: int = 64, block_size: int |
         print(f"  {text!r:28} -> {decode(s.tokens)!r}  [{mark} greedy, tau {s.acceptance_length:.2f}]")
 
     online = acceptance_stats([n for r in spec for n in r.commit_lens], L)
-    offline, _ = offline_acceptance(target, drafter, ops, prompts, max_new_tokens=max_new_tokens,
-                                    block_size=L)
+    # teacher forcing walks the plain greedy continuations already decoded above
+    walked = teacher_forced_commit_lens(target, drafter, ops, prompts, [p.tokens for p in plain], L)
+    offline = acceptance_stats([n for per in walked for n in per], L)
     generated = sum(len(r.tokens) for r in spec)
     forwards = online.steps + len(prompts)  # one prefill per request, one verify per step
     print(f"\nonline tau (tokens per verify step): {online.tau:.3f} over {online.steps} steps")
