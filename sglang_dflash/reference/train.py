@@ -1,14 +1,20 @@
-"""Make the tiny bundled pair: train a tiny Kimi-Linear-shaped target on a synthetic byte
-corpus, then train a DFlash drafter on the target's own greedy continuations.
+"""Make a tiny bundled pair: train a tiny target on a synthetic byte corpus, then train a
+DFlash drafter on the target's own greedy continuations.
 
-    python -m sglang_dflash.reference.train [--target-out DIR] [--drafter-out DIR] [--target-steps N] ...
+    python -m sglang_dflash.reference.train [--target {kimi,qwen3}] [--target-out DIR] ...
+
+``kimi`` (the default) is the Kimi-Linear-shaped pair of ``tiny_pair``; ``qwen3`` is a
+stock transformers Qwen3ForCausalLM (``tiny_qwen3``) that SGLang serves as it is. Both go
+through the same optimisation loop and the same drafter objective; a ``TargetRecipe``
+says how to build, run and save each.
 
 The drafter objective is DFlash's: pick anchor positions s in a target-generated sequence,
 feed the block [token s, MASK x (L-1)] with the target features of positions < s as
 context, and predict token s + j at block position j (same-position prediction), with
 cross-entropy through the target's frozen lm_head, weighted towards early positions.
-Deterministic for a given seed on one machine; the defaults took about 35 minutes on two
-busy CPU cores (the target steps dominate).
+Deterministic for a given seed on one machine; the kimi defaults took about 35 minutes on
+two busy CPU cores (the target steps dominate), the qwen3 defaults about
+12 minutes (one torch thread).
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ import json
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,14 +34,18 @@ from safetensors.torch import save_file
 
 from ..config import DrafterConfig
 from ..drafter import DFlashDrafter
+from . import tiny_qwen3
+from .hf_target import HFTarget
 from .kimi_linear import KimiLinearForCausalLM, tiny_config
-from .tiny_pair import BOS, DRAFTER_DIR, EOS, PAD, TARGET_DIR, VOCAB_SIZE, encode
+from .tiny_pair import DRAFTER_DIR, EOS, PAD, TARGET_DIR, VOCAB_SIZE, encode
 
 SEQ_LEN = 80
 PROMPT_LEN = 16
 GEN_LEN = 48
 BLOCK = 16
 TARGET_LAYER_IDS = (1, 3, 5)
+# documents no training batch draws (the stream is random.Random(seed), seed small)
+EVAL_SEED = 1_000_003
 
 _NOUNS = ["cat", "dog", "fox", "bird", "man", "girl", "boy", "tree", "car", "ship", "mat"]
 _ADJS = ["red", "big", "small", "old", "new", "green", "fast"]
@@ -86,28 +98,110 @@ def _optimize(name: str, params, loss_fn, steps: int, lr: float, weight_decay: f
             print(f"{name} step {step}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
 
 
-def train_target(steps: int, seed: int, log_every: int = 25) -> KimiLinearForCausalLM:
+@dataclass(frozen=True)
+class TargetRecipe:
+    """How to build, run and save one kind of target, and its training defaults."""
+
+    build: Callable[[], torch.nn.Module]  # fresh weights, drawn from torch's global RNG
+    logits: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]  # ids [B, T] -> [B, T, V]
+    # ids [B, P], n -> ids [B, P + n], greedy, running on past EOS
+    greedy: Callable[[torch.nn.Module, torch.Tensor, int], torch.Tensor]
+    # ids [B, T], layer ids -> residual streams after those layers, concatenated [B, T, F]
+    features: Callable[[torch.nn.Module, torch.Tensor, tuple[int, ...]], torch.Tensor]
+    save: Callable[[torch.nn.Module, Path], None]
+    target_layer_ids: tuple[int, ...]
+    drafter_max_positions: int
+    target_dir: Path
+    drafter_dir: Path
+    target_steps: int
+    drafter_steps: int
+    drafter_seqs: int
+
+
+def _kimi_greedy(model, ids, n):
+    """Full re-forwards (no cache): fast enough at this size, and the same greedy function
+    of the weights as the cached decoder up to fp32 rounding."""
+    for _ in range(n):
+        logits, _ = model.forward_train(ids)
+        ids = torch.cat([ids, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
+    return ids
+
+
+def _hf_greedy(model, ids, n):
+    step, cache = ids, None
+    for _ in range(n):
+        out = model(input_ids=step, past_key_values=cache, use_cache=True)
+        step, cache = out.logits[:, -1:].argmax(dim=-1), out.past_key_values
+        ids = torch.cat([ids, step], dim=1)
+    return ids
+
+
+def _kimi_features(model, ids, layer_ids):
+    model.set_capture_layers(layer_ids)
+    return model.forward_train(ids)[1]
+
+
+def _hf_features(model, ids, layer_ids):
+    """Through HFTarget's forward hooks, one sequence at a time (its only mode)."""
+    target = HFTarget(model)
+    target.set_capture_layers(layer_ids)
+    return torch.stack([target.extend(None, row).features for row in ids])
+
+
+RECIPES = {
+    "kimi": TargetRecipe(
+        build=lambda: KimiLinearForCausalLM(tiny_config(vocab_size=VOCAB_SIZE)),
+        logits=lambda model, ids: model.forward_train(ids)[0], greedy=_kimi_greedy,
+        features=_kimi_features, save=lambda model, out: model.save_pretrained(out),
+        target_layer_ids=TARGET_LAYER_IDS, drafter_max_positions=4096,
+        target_dir=TARGET_DIR, drafter_dir=DRAFTER_DIR,
+        target_steps=150, drafter_steps=2000, drafter_seqs=256),
+    "qwen3": TargetRecipe(
+        build=tiny_qwen3.new_target,
+        logits=lambda model, ids: model(input_ids=ids, use_cache=False).logits,
+        greedy=_hf_greedy, features=_hf_features, save=tiny_qwen3.save_target,
+        target_layer_ids=tiny_qwen3.TARGET_LAYER_IDS,
+        drafter_max_positions=tiny_qwen3.DRAFTER_MAX_POSITIONS,
+        target_dir=tiny_qwen3.TARGET_DIR, drafter_dir=tiny_qwen3.DRAFTER_DIR,
+        # 256 sequences were memorised (held-out drafter loss 40x the training loss)
+        target_steps=1500, drafter_steps=3000, drafter_seqs=2048),
+}
+
+
+def lm_loss(recipe: TargetRecipe, model, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy over documents ids [B, SEQ_LEN]; padding is no label."""
+    logits = recipe.logits(model, ids[:, :-1])
+    labels = ids[:, 1:].masked_fill(ids[:, 1:] == PAD, -100)
+    return F.cross_entropy(logits.reshape(-1, VOCAB_SIZE), labels.reshape(-1), ignore_index=-100)
+
+
+@torch.no_grad()
+def corpus_loss(recipe: TargetRecipe, model, n: int = 64) -> float:
+    """lm_loss on n fixed documents: the number to compare targets by."""
+    rng = random.Random(EVAL_SEED)
+    return lm_loss(recipe, model, _batch([synthetic_document(rng) for _ in range(n)])).item()
+
+
+def train_target(recipe: TargetRecipe, steps: int, seed: int, log_every: int = 25):
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    model = KimiLinearForCausalLM(tiny_config(vocab_size=VOCAB_SIZE))
+    model = recipe.build()
 
     def loss_fn():
-        ids = _batch([synthetic_document(rng) for _ in range(8)])
-        logits, _ = model.forward_train(ids[:, :-1])
-        labels = ids[:, 1:].masked_fill(ids[:, 1:] == PAD, -100)
-        return F.cross_entropy(logits.reshape(-1, VOCAB_SIZE), labels.reshape(-1), ignore_index=-100)
+        return lm_loss(recipe, model, _batch([synthetic_document(rng) for _ in range(8)]))
 
     _optimize("target", model.parameters(), loss_fn, steps, 3e-3, 0.01, log_every)
     return model.eval()
 
 
 def drafter_config(hidden_size: int, target_num_layers: int,
-                   target_layer_ids: tuple[int, ...] = TARGET_LAYER_IDS) -> DrafterConfig:
+                   target_layer_ids: tuple[int, ...] = TARGET_LAYER_IDS,
+                   max_position_embeddings: int = 4096) -> DrafterConfig:
     """The tiny drafter's shape for a target of this hidden size and depth."""
     return DrafterConfig(
         hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, intermediate_size=128, rms_norm_eps=1e-6,
-        rope_theta=10000.0, rope_scaling=None, max_position_embeddings=4096,
+        rope_theta=10000.0, rope_scaling=None, max_position_embeddings=max_position_embeddings,
         attention_bias=False, block_size=BLOCK, mask_token_id=PAD,
         target_layer_ids=target_layer_ids, vocab_size=VOCAB_SIZE,
         target_num_layers=target_num_layers,
@@ -115,21 +209,15 @@ def drafter_config(hidden_size: int, target_num_layers: int,
 
 
 @torch.no_grad()
-def target_sequences(target, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """n sequences of prompt (a corpus prefix) + the target's greedy continuation, and
-    the target features of every position: ids [n, P+G], features [n, P+G, F].
-
-    Decoded as one batch with full re-forwards (no cache): fast enough at this size, and
-    the same greedy function of the weights as the cached decoder up to fp32 rounding.
-    """
+def target_sequences(recipe: TargetRecipe, target, n: int,
+                     seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n sequences of prompt (a corpus prefix) + the target's greedy continuation, decoded
+    as one batch, and the target features of every position: ids [n, P+G],
+    features [n, P+G, F]."""
     rng = random.Random(seed + 1)
-    ids = torch.tensor([synthetic_document(rng)[:PROMPT_LEN] for _ in range(n)])
-    for _ in range(GEN_LEN):
-        logits, _ = target.forward_train(ids)
-        ids = torch.cat([ids, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
-    target.set_capture_layers(TARGET_LAYER_IDS)
-    _, features = target.forward_train(ids)
-    return ids, features
+    prompts = torch.tensor([synthetic_document(rng)[:PROMPT_LEN] for _ in range(n)])
+    ids = recipe.greedy(target, prompts, GEN_LEN)
+    return ids, recipe.features(target, ids, recipe.target_layer_ids)
 
 
 def drafter_loss(drafter, target, ids, features, anchors_per_seq: int, gen) -> torch.Tensor:
@@ -159,15 +247,18 @@ def drafter_loss(drafter, target, ids, features, anchors_per_seq: int, gen) -> t
     return (ce * valid).sum() / valid.sum()
 
 
-def train_drafter(target, steps: int, seed: int, n_seqs: int = 256, log_every: int = 50):
+def train_drafter(recipe: TargetRecipe, target, steps: int, seed: int, n_seqs: int = 256,
+                  log_every: int = 50):
     for p in target.parameters():
         p.requires_grad_(False)
     t0 = time.time()
-    ids, features = target_sequences(target, n_seqs, seed)
+    ids, features = target_sequences(recipe, target, n_seqs, seed)
     print(f"generated {n_seqs} greedy continuations ({time.time() - t0:.0f}s)", flush=True)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    drafter = DFlashDrafter(drafter_config(target.config.hidden_size, target.config.num_hidden_layers))
+    cfg = drafter_config(target.config.hidden_size, target.config.num_hidden_layers,
+                         recipe.target_layer_ids, recipe.drafter_max_positions)
+    drafter = DFlashDrafter(cfg)
 
     def loss_fn():
         rows = torch.randint(0, n_seqs, (16,), generator=gen)
@@ -201,22 +292,37 @@ def save_drafter(drafter: DFlashDrafter, out: Path) -> None:
     save_file(tensors, str(out / "model.safetensors"))
 
 
+def _per_target(field: str) -> str:
+    """A recipe default as help text, e.g. "default: kimi 150, qwen3 1500"."""
+    return "default: " + ", ".join(f"{k} {getattr(r, field)}" for k, r in RECIPES.items())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target-out", type=Path, default=TARGET_DIR)
-    parser.add_argument("--drafter-out", type=Path, default=DRAFTER_DIR)
-    parser.add_argument("--target-steps", type=int, default=150)
-    parser.add_argument("--drafter-steps", type=int, default=2000)
-    parser.add_argument("--drafter-seqs", type=int, default=256,
-                        help="target-generated sequences the drafter trains on")
+    parser.add_argument("--target", choices=sorted(RECIPES), default="kimi",
+                        help="which tiny target to train (default: kimi)")
+    parser.add_argument("--target-out", type=Path, default=None,
+                        help="default: the bundled target directory of --target")
+    parser.add_argument("--drafter-out", type=Path, default=None,
+                        help="default: the bundled drafter directory of --target")
+    parser.add_argument("--target-steps", type=int, default=None, help=_per_target("target_steps"))
+    parser.add_argument("--drafter-steps", type=int, default=None, help=_per_target("drafter_steps"))
+    parser.add_argument("--drafter-seqs", type=int, default=None,
+                        help="target-generated sequences the drafter trains on; "
+                             + _per_target("drafter_seqs"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    recipe = RECIPES[args.target]
+    target_out = args.target_out or recipe.target_dir
+    drafter_out = args.drafter_out or recipe.drafter_dir
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    target = train_target(args.target_steps, args.seed)
-    target.save_pretrained(args.target_out)
-    drafter = train_drafter(target, args.drafter_steps, args.seed, n_seqs=args.drafter_seqs)
-    save_drafter(drafter, args.drafter_out)
-    print(f"wrote {args.target_out} and {args.drafter_out}")
+    target = train_target(recipe, args.target_steps or recipe.target_steps, args.seed)
+    print(f"target corpus loss {corpus_loss(recipe, target):.3f}", flush=True)
+    recipe.save(target, target_out)
+    drafter = train_drafter(recipe, target, args.drafter_steps or recipe.drafter_steps, args.seed,
+                            n_seqs=args.drafter_seqs or recipe.drafter_seqs)
+    save_drafter(drafter, drafter_out)
+    print(f"wrote {target_out} and {drafter_out}")
     return 0
 
 
