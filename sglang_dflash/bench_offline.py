@@ -92,10 +92,12 @@ def _transformers_setup(args, texts):
     drafter = load_drafter(args.drafter, target.hidden_size)
     drafter.ops = get_ops(args.backend)
     if args.chat_template and tokenizer.chat_template:
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}],
-                                                 add_generation_prompt=True, tokenize=True)
+        # tokenized as SGLang's chat endpoint does: the template's text, no special tokens
+        # added (a template writes its own BOS)
+        prompts = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": t}],
+                                                           add_generation_prompt=True, tokenize=False),
+                             add_special_tokens=False)["input_ids"]
                    for t in texts]
-        prompts = [list(p["input_ids"]) if isinstance(p, dict) else list(p) for p in prompts]
     else:
         prompts = [tokenizer(t)["input_ids"] for t in texts]
 

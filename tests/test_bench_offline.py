@@ -67,3 +67,15 @@ def test_transformers_target_runs(tmp_path):
     result = json.loads((out / "result.json").read_text())
     assert result["num_prompts"] == 2 and result["steps"] >= 1
     assert 1.0 <= result["tau"] <= 16.0
+
+
+def test_bundled_qwen3_pair_with_chat_template(tmp_path):
+    """The chat template path on a transformers target; the trained pair drafts well."""
+    from sglang_dflash.reference.tiny_qwen3 import DRAFTER_DIR, TARGET_DIR
+
+    out = tmp_path / "bench"
+    argv = ["--target", str(TARGET_DIR), "--drafter", str(DRAFTER_DIR),
+            "--max-new-tokens", "24", "--num-prompts", "2", "--out", str(out)]
+    assert main_offline(_args(argv)) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["num_prompts"] == 2 and 2 <= result["tokens"] <= 2 * 23 and 1.0 <= result["tau"] <= 16.0
