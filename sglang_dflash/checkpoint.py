@@ -226,3 +226,21 @@ def load_drafter_state_dict(dir_or_file: str | Path, cfg: DrafterConfig, target_
                     t = f.get_tensor(info.key)
                     out[name] = t if dtype is None else t.to(dtype)
     return out
+
+
+# what a drafter download fetches: configs and weights; never remote code or pickles
+DRAFTER_DOWNLOAD_PATTERNS = ("config.json", "*.safetensors", "model.safetensors.index.json")
+
+
+def resolve_drafter_dir(path: str, revision: str | None = None) -> str:
+    """A local directory for ``path``: itself if it is one, else a Hugging Face Hub
+    snapshot of repository ``path`` holding only ``DRAFTER_DOWNLOAD_PATTERNS``."""
+    if Path(path).is_dir():
+        return path
+    if Path(path).exists() or path.count("/") != 1:
+        raise ConfigError(f"{path}: expected a drafter directory (config.json + safetensors) "
+                          "or a Hugging Face Hub repository id such as `org/name`")
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(repo_id=path, revision=revision,
+                             allow_patterns=list(DRAFTER_DOWNLOAD_PATTERNS))

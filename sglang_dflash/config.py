@@ -435,6 +435,12 @@ def pair_problems(drafter: DrafterConfig, target: TargetConfig, drafter_source: 
     if outside:
         problems.append(f"{d}: field `target_layer_ids`: id(s) {outside} are not layers of the "
                         f"target ({t}: field `num_hidden_layers` {n}, 0-based ids 0..{n - 1})")
+    if n - 1 in drafter.target_layer_ids and target.architecture != KIMI_LINEAR[1]:
+        # SGLang's llama/qwen models tap the stream at a layer's input (layer i + 1 for
+        # the output of i), so nothing taps the last layer's output before the final norm
+        problems.append(f"{d}: field `target_layer_ids`: id {n - 1} is the target's last layer, "
+                        f"whose output SGLang cannot capture for {target.architecture} (use ids "
+                        f"below {n - 1})")
     if drafter.target_num_layers is not None and drafter.target_num_layers != n:
         problems.append(f"{d}: field `num_target_layers` {drafter.target_num_layers} != {t}: "
                         f"field `num_hidden_layers` {n} (trained for another target?)")

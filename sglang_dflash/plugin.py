@@ -6,7 +6,7 @@ process it starts (engine, tokenizer, scheduler, detokenizer); its loader
 only registers: it imports nothing heavy, so the processes that never build a worker
 pay nothing for the plugin.
 
-One hook, on ``SpeculativeAlgorithm.create_worker``: the single place where SGLang turns
+The main hook is on ``SpeculativeAlgorithm.create_worker``: the single place where SGLang turns
 ``--speculative-algorithm dflash`` (any case; ``from_string`` upper-cases it) into a
 worker class (``Scheduler.maybe_init_draft_worker`` is its only caller). For DFLASH the
 hook returns ``sglang_dflash.worker.DFlashWorker``; ``SGLANG_DFLASH_ROUTE=0`` gives the
@@ -25,6 +25,11 @@ built-in ``DFlashWorkerV2`` back. Why this seam and not the other two:
   logged and skipped by ``apply_hooks``. The factory hook imports our worker lazily, in
   the scheduler only, and an import error there stops the start-up with its traceback.
 
+While DFLASH is routed here, a second hook wraps SGLang's DFLASH server-args pass
+(``speculative_hook._handle_dflash``) so that ``--device cpu`` is accepted: our worker
+runs on CPU (the end-to-end tests serve a tiny model there), SGLang's refuses it. On
+every other device SGLang's pass runs unchanged.
+
 The same hook gives Kimi-Linear the DFLASH capture method (``add_kimi_dflash_capture``)
 whatever the routing, so the built-in worker can be compared against ours on Kimi too.
 In 0.5.23 the scheduler builds the target model, then calls ``create_worker``, and only
@@ -40,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Callable
 
 logger = logging.getLogger("sglang_dflash")
@@ -49,6 +55,9 @@ SUPPORTED_SGLANG = "0.5.23"
 ROUTE_ENV = "SGLANG_DFLASH_ROUTE"
 WORKER = "sglang_dflash.worker.DFlashWorker"
 CREATE_WORKER = "sglang.srt.speculative.spec_info.SpeculativeAlgorithm.create_worker"
+HANDLE_DFLASH = "sglang.srt.arg_groups.speculative_hook._handle_dflash"
+# the DFLASH server-args defaults SGLang's _handle_dflash declares, which ours keeps
+DFLASH_DEFAULT_MAX_RUNNING_REQUESTS = 48
 
 _loaded = False
 
@@ -89,6 +98,8 @@ def load() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     HookRegistry.register(CREATE_WORKER, make_create_worker_hook(route), HookType.AROUND)
+    if route:
+        HookRegistry.register(HANDLE_DFLASH, handle_dflash_args, HookType.AROUND)
     _loaded = True
     logger.info("sglang-dflash: --speculative-algorithm dflash runs %s",
                 WORKER if route else f"SGLang's built-in DFlashWorkerV2 ({ROUTE_ENV}=0)")
@@ -108,6 +119,53 @@ def make_create_worker_hook(route: bool) -> Callable:
         return DFlashWorker
 
     return create_worker
+
+
+def handle_dflash_args(original: Callable, server_args) -> None:
+    """SGLang's DFLASH server-args pass, with the drafter checked first and CPU allowed.
+
+    Before SGLang's pass: a Hub drafter id is resolved to a local snapshot of its
+    configs and safetensors (never its ``dflash.py``), and the drafter is checked with
+    ``sglang-dflash check`` (against the target's config.json too when the model path is
+    a local directory), so a mismatched pair fails in seconds, every problem listed,
+    before the target's weights load. The worker checks the pair again against the
+    loaded target.
+
+    On CPU SGLang's pass would refuse the device, so this declares what it declares for
+    a single-rank server instead: one step, top-k 1, the drafter's block size, 48
+    running requests by default. The draft attention backend it also resolves is for
+    SGLang's draft ModelRunner, which our worker does not have.
+    """
+    from sglang.srt.arg_groups.model_override_base import resolving_view
+    from sglang.srt.arg_groups.overrides import declare_resolution
+
+    from .checkpoint import resolve_drafter_dir
+    from .check import run_check
+    from .config import load_drafter_config
+
+    source = "sglang_dflash.handle_dflash_args"
+    cfg = resolving_view(server_args)
+    if cfg.speculative_draft_model_path is None:
+        raise ValueError("DFLASH speculative decoding requires --speculative-draft-model-path "
+                         "(the DFlash drafter directory or Hub id)")
+    drafter = resolve_drafter_dir(cfg.speculative_draft_model_path, cfg.speculative_draft_model_revision)
+    if drafter != cfg.speculative_draft_model_path:
+        declare_resolution(server_args, source, speculative_draft_model_path=drafter)
+    target = cfg.model_path if Path(cfg.model_path).is_dir() else None
+    ok, report = run_check(drafter, target)
+    if not ok:
+        raise ValueError(f"--speculative-draft-model-path {cfg.speculative_draft_model_path}: the "
+                         f"DFlash drafter cannot serve --model-path {cfg.model_path}:\n{report}")
+    if cfg.device != "cpu":
+        return original(server_args)
+    if cfg.pp_size != 1:
+        raise ValueError(f"DFLASH on CPU: --pp-size must be 1, got {cfg.pp_size}")
+    block_size = cfg.speculative_num_draft_tokens or cfg.speculative_dflash_block_size
+    fields = dict(speculative_num_steps=1, speculative_eagle_topk=1,
+                  speculative_num_draft_tokens=int(block_size or load_drafter_config(drafter).block_size))
+    if cfg.max_running_requests is None:
+        fields["max_running_requests"] = DFLASH_DEFAULT_MAX_RUNNING_REQUESTS
+    declare_resolution(server_args, source, **fields)
 
 
 def add_kimi_dflash_capture() -> None:

@@ -14,7 +14,7 @@ from sglang_dflash.checkpoint import (
     load_drafter_state_dict,
     read_safetensors_header,
 )
-from sglang_dflash.config import drafter_config_from_dict, load_drafter_config
+from sglang_dflash.config import ConfigError, drafter_config_from_dict, load_drafter_config
 from test_config import tiny_drafter
 
 
@@ -200,3 +200,25 @@ def test_remote_code_beside_checkpoint_never_runs(tmp_path):
     ok, report = run_check(ckpt, None)
     assert len(state) == len(expected_drafter_tensors(cfg, 64)) and ok, report
     assert not marker.exists() and "dflash" not in sys.modules
+
+
+def test_hub_drafter_id_fetches_configs_and_weights_only(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from sglang_dflash.checkpoint import resolve_drafter_dir
+
+    calls = []
+
+    def fake_snapshot_download(**kwargs):
+        calls.append(kwargs)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    assert resolve_drafter_dir(str(tmp_path)) == str(tmp_path) and not calls
+    assert resolve_drafter_dir("org/drafter", "main") == str(tmp_path)
+    patterns = calls[0]["allow_patterns"]
+    assert calls[0]["repo_id"] == "org/drafter" and calls[0]["revision"] == "main"
+    assert "config.json" in patterns and not any(p.endswith((".py", ".bin", "*")) for p in patterns)
+    for bad in ("no-such-dir", "a/b/c", str(tmp_path / "missing" / "x")):
+        with pytest.raises(ConfigError, match="Hub repository id"):
+            resolve_drafter_dir(bad)

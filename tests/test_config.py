@@ -285,3 +285,15 @@ def test_validate_pair_checks_configs_built_in_code():
     problems = validate_pair(DrafterConfig(**fields), target, SRC, TSRC)
     text = "\n".join(problems)
     assert "duplicate" in text and "negative" in text and "`block_size`" in text
+
+
+def test_last_layer_refused_for_standard_targets_only():
+    # the tiny drafter reads layers (1, 3, 7): layer 7 is the last of an 8-layer target
+    drafter = drafter_config_from_dict(tiny_drafter(), SRC)
+    qwen3 = {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "hidden_size": 64,
+             "num_hidden_layers": 8, "vocab_size": 300, "eos_token_id": 2}
+    problems = validate_pair(drafter, target_config_from_dict(qwen3, TSRC), SRC, TSRC)
+    assert len(problems) == 1 and "id 7 is the target's last layer" in problems[0], problems
+    # KimiLinearModel snapshots the stream after any layer, the last one included
+    kimi = dict(tiny_kimi(), hidden_size=64, vocab_size=300)
+    assert validate_pair(drafter, target_config_from_dict(kimi, TSRC), SRC, TSRC) == []
