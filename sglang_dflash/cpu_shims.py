@@ -10,10 +10,20 @@ of SGLang lacks, for tests and for a local server on a tiny model:
 - vllm: on a device SGLang does not know (plain CPU without sgl-kernel), its rotary
   embedding falls back to ``vllm._custom_ops.rotary_embedding``.
   ``install_vllm_rotary_shim`` provides that one op in torch.
+- speculative verify on the torch-native attention backend: its extend path reads
+  ``extend_prefix_lens`` / ``extend_seq_lens``, which a TARGET_VERIFY batch does not
+  carry (it holds the committed ``seq_lens`` and a fixed block per request).
+  ``install_torch_native_verify_shim`` fills them in for that call: the block attends
+  causally to the committed prefix and to itself, exactly a chain verify. The other
+  way to verify on CPU is SGLang's Triton backend in the interpreter, about a hundred
+  times slower.
 
 Server: ``python -m sglang_dflash.cpu_shims serve --model-path DIR [sglang serve args]``
 runs ``sglang serve`` with the shims and the CPU flags (``--device cpu
---attention-backend torch_native --disable-cuda-graph`` unless given). SGLang starts
+--attention-backend torch_native --disable-cuda-graph`` unless given) under
+``TRITON_INTERPRET=1``: SGLang's Triton kernels (the KV-pool copy a speculative server
+warms up, or the whole Triton attention backend if chosen) then run in the
+interpreter. SGLang starts
 its scheduler and detokenizer with multiprocessing "spawn", which re-runs this module
 as ``__mp_main__`` in each child before anything is unpickled, so the shims are
 installed there too (the guard at the bottom).
@@ -25,6 +35,7 @@ import enum
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import os
 import sys
 import types
 
@@ -144,9 +155,38 @@ def install_vllm_rotary_shim() -> bool:
     return True
 
 
+def install_torch_native_verify_shim() -> None:
+    """Let SGLang's TorchNativeAttnBackend run TARGET_VERIFY forwards; idempotent."""
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+
+    original = TorchNativeAttnBackend.forward_extend
+    if getattr(original, "_sglang_dflash_verify_shim", False):
+        return
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        if not forward_batch.forward_mode.is_target_verify():
+            return original(self, q, k, v, layer, forward_batch, save_kv_cache)
+        fb = forward_batch
+        committed = fb.seq_lens  # [B], the block not included
+        block = q.shape[0] // committed.shape[0]
+        saved = fb.seq_lens, fb.extend_prefix_lens, fb.extend_seq_lens
+        # e.g. committed [5, 9], block 4: keys 0..8 and 0..12, queries at 5..8 and 9..12
+        fb.seq_lens = committed + block
+        fb.extend_prefix_lens = committed
+        fb.extend_seq_lens = torch.full_like(committed, block)
+        try:
+            return original(self, q, k, v, layer, fb, save_kv_cache)
+        finally:
+            fb.seq_lens, fb.extend_prefix_lens, fb.extend_seq_lens = saved
+
+    forward_extend._sglang_dflash_verify_shim = True
+    TorchNativeAttnBackend.forward_extend = forward_extend
+
+
 def install_cpu_shims() -> None:
     install_torchvision_stub()
     install_vllm_rotary_shim()
+    install_torch_native_verify_shim()
 
 
 def cpu_serve_argv(argv: list[str]) -> list[str]:
@@ -172,6 +212,8 @@ def main(argv: list[str]) -> None:
 
 # "__mp_main__": SGLang's spawned children re-run this module before unpickling anything.
 if __name__ in ("__main__", "__mp_main__"):
+    # before any @triton.jit is created (the shims import SGLang); children inherit it
+    os.environ.setdefault("TRITON_INTERPRET", "1")
     install_cpu_shims()
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -104,6 +104,48 @@ def test_version_gate(monkeypatch):
     plugin.check_sglang_version()
 
 
+def _dflash_args(device: str, drafter, *extra: str):
+    from sglang.srt.server_args import prepare_server_args
+
+    from sglang_dflash.reference.tiny_qwen3 import TARGET_DIR
+
+    return prepare_server_args(["--model-path", str(TARGET_DIR), "--device", device,
+                                "--speculative-algorithm", "dflash",
+                                "--speculative-draft-model-path", str(drafter), *extra])
+
+
+def test_dflash_args_checked_before_sglang_pass(tmp_path):
+    """The drafter is checked against the target's config before SGLang's own pass runs."""
+    import json
+    import shutil
+
+    from sglang.srt.arg_groups.model_override_base import resolving_view
+
+    from sglang_dflash.reference.tiny_qwen3 import DRAFTER_DIR
+
+    calls = []
+    args = _dflash_args("cuda", DRAFTER_DIR)
+    plugin.handle_dflash_args(calls.append, args)
+    assert calls == [args]
+
+    bad = tmp_path / "drafter"
+    shutil.copytree(DRAFTER_DIR, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["dflash_config"]["mask_token_id"] = 999
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"mask_token_id. 999 outside the target vocabulary"):
+        plugin.handle_dflash_args(calls.append, _dflash_args("cuda", bad))
+    assert len(calls) == 1
+
+    # on CPU SGLang's pass would refuse the device; the plugin resolves what it would
+    args = _dflash_args("cpu", DRAFTER_DIR)
+    plugin.handle_dflash_args(calls.append, args)
+    view = resolving_view(args)
+    assert len(calls) == 1
+    assert (view.speculative_num_draft_tokens, view.speculative_num_steps,
+            view.speculative_eagle_topk, view.max_running_requests) == (16, 1, 1, 48)
+
+
 # ---- Kimi-Linear feature capture ----
 
 NUM_LAYERS = 4
