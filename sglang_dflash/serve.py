@@ -11,14 +11,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import importlib.machinery
-import importlib.util
 import io
 import os
 import shlex
 import shutil
 import sys
-import types
 from pathlib import Path
 
 MODEL_KEYS = ("model-path", "model_path", "model")
@@ -85,39 +82,16 @@ def build_command(config: Path, extra: list[str]) -> list[str]:
     return [sglang_executable(), "serve", *serve_argv(config, extra)]
 
 
-class _Inert:
-    """Any attribute or call gives another inert object (e.g. `T.InterpolationMode.BICUBIC`)."""
-
-    def __getattr__(self, name: str) -> "_Inert":
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _Inert()
-
-    def __call__(self, *args, **kwargs) -> "_Inert":
-        return _Inert()
-
-
 def _stub_torchvision_if_missing() -> str | None:
-    """CPU installs of sglang lack torchvision, which sglang's vision configs import.
+    """CPU installs of sglang lack a loadable torchvision, which its vision configs import.
 
-    The check builds no model, so an inert module is enough there; it is installed only
-    when torchvision is absent, after transformers has already recorded that absence.
+    The check builds no model, so the stub the CPU dev server uses serves here too.
     """
-    if importlib.util.find_spec("torchvision") is not None:
-        return None
-    import transformers  # noqa: F401  (decides "no torchvision" before the stub exists)
+    from .cpu_shims import install_torchvision_stub
 
-    for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional",
-                 "torchvision.io"):
-        mod = types.ModuleType(name)
-        mod.__getattr__ = _Inert().__getattr__
-        mod.__path__ = []
-        mod.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
-        sys.modules.setdefault(name, mod)
-    sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
-    sys.modules["torchvision.transforms"].functional = \
-        sys.modules["torchvision.transforms.functional"]
-    return "torchvision is not installed: sglang's vision-model imports got an inert stub"
+    if install_torchvision_stub():
+        return "torchvision does not load here: sglang's vision-model imports got a stub"
+    return None
 
 
 def _load_plugin() -> str:
