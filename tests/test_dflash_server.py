@@ -111,13 +111,11 @@ def test_greedy_generate_equals_plain_server(greedy_runs):
 def test_accept_length_equals_teacher_forced_walk(greedy_runs):
     """The server's verify steps per request are exactly the offline walk's blocks."""
     from sglang_dflash.backend import get_ops
-    from sglang_dflash.reference.hf_target import HFTarget
     from sglang_dflash.reference.offline import acceptance_stats, teacher_forced_commit_lens
-    from sglang_dflash.reference.tiny_pair import load_drafter
+    from sglang_dflash.reference.tiny_qwen3 import load_tiny_qwen3_pair
 
     _, ours = greedy_runs
-    target = HFTarget.from_pretrained(TARGET_DIR, trust_remote_code=False)
-    drafter = load_drafter(DRAFTER_DIR, target.hidden_size)
+    target, drafter = load_tiny_qwen3_pair()
     continuations = [o["output_ids"] for o in ours]
     walked = teacher_forced_commit_lens(target, drafter, get_ops("torch"), PROMPTS, continuations, BLOCK)
     for ids, o, lens in zip(PROMPTS, ours, walked):
@@ -224,6 +222,14 @@ def test_client_hang_up_aborts_the_request(plain, spec):
     assert o["output_ids"] == b["output_ids"]
 
 
+def assert_no_slot_held(server: Server) -> None:
+    """Once idle and with the radix cache flushed, the KV pool holds no slot."""
+    wait_idle(server)
+    assert server.post_text("/flush_cache", {})[0].startswith("Cache flushed")
+    load = wait_idle(server)
+    assert load["num_used_tokens"] == 0, load
+
+
 def test_page_size_4_without_overlap(tmp_path_factory, greedy_runs):
     """Pages of 4 slots, and the scheduler's synchronous loop instead of the overlapped one."""
     base, _ = greedy_runs
@@ -233,19 +239,14 @@ def test_page_size_4_without_overlap(tmp_path_factory, greedy_runs):
         ours = generate_all(srv, PROMPTS[:8], MAX_NEW)
         for ids, b, o in zip(PROMPTS, base, ours):
             assert o["output_ids"] == b["output_ids"], f"prompt {ids}"
-        wait_idle(srv)
-        assert srv.post_text("/flush_cache", {})[0].startswith("Cache flushed")
-        assert wait_idle(srv)["num_used_tokens"] == 0
+        assert_no_slot_held(srv)
     finally:
         srv.stop()
 
 
 def test_no_kv_slot_leaked(spec):
     """Last in the module: after all the above, flushing the radix cache frees every slot."""
-    wait_idle(spec)
-    assert spec.post_text("/flush_cache", {})[0].startswith("Cache flushed")
-    load = wait_idle(spec)
-    assert load["num_used_tokens"] == 0, load
+    assert_no_slot_held(spec)
     assert spec.proc.poll() is None
     assert "memory leak detected" not in spec.log.read_text()
 
