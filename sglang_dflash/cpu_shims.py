@@ -15,8 +15,9 @@ of SGLang lacks, for tests and for a local server on a tiny model:
   carry (it holds the committed ``seq_lens`` and a fixed block per request).
   ``install_torch_native_verify_shim`` fills them in for that call: the block attends
   causally to the committed prefix and to itself, exactly a chain verify. The other
-  way to verify on CPU is SGLang's Triton backend in the interpreter, about a hundred
-  times slower.
+  way to verify on CPU is SGLang's Triton backend in the interpreter, which serves
+  correctly but is far slower (a 24-prompt test run had not finished in 16 minutes
+  that took 75 s on torch_native, on the same busy machine).
 
 Server: ``python -m sglang_dflash.cpu_shims serve --model-path DIR [sglang serve args]``
 runs ``sglang serve`` with the shims and the CPU flags (``--device cpu
