@@ -9,7 +9,7 @@ The same as `sglang-dflash bench online`; run with --help for the options. Examp
 import argparse
 import sys
 
-from sglang_dflash.bench_online import add_online_args, main_online
+from sglang_dflash.bench.online import add_online_args, main_online
 
 
 def main(argv: list[str] | None = None) -> int:

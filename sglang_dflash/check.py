@@ -13,16 +13,9 @@ from collections import Counter
 from pathlib import Path
 
 from .checkpoint import DTYPE_BYTES, read_drafter_header, tensor_problems
-from .config import (
-    ConfigError,
-    DrafterConfig,
-    TargetConfig,
-    config_file,
-    load_target_config,
-    pair_problems,
-    parse_drafter,
-    read_config_json,
-)
+from .config import ConfigError, DrafterConfig, config_file, parse_drafter, read_config_json
+from .pair import pair_problems
+from .target_config import TargetConfig, load_target_config
 
 
 def _features(drafter: DrafterConfig, target: TargetConfig | None) -> str:

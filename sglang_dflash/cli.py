@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_check_args(check)
     check.set_defaults(func=main_check)
 
-    from .bench_offline import add_offline_args, main_offline
-    from .bench_online import add_online_args, main_online
+    from .bench.offline import add_offline_args, main_offline
+    from .bench.online import add_online_args, main_online
 
     bench = sub.add_parser("bench", help="acceptance benchmarks (online over HTTP, offline teacher-forced)")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="KIND")

@@ -1,14 +1,12 @@
-"""Drafter and target configuration: parsed once at the boundary into frozen dataclasses.
+"""Drafter configuration, parsed once at the boundary into a frozen dataclass.
 
-Everything downstream receives these dataclasses, never raw JSON or SGLang's server args.
-A parse collects every problem of a file into one ``ConfigError`` naming file and field.
-Drafter: DFlash fields at the top level or under ``dflash_config`` (agreeing if both);
+Everything downstream receives the dataclass, never raw JSON or SGLang's server args.
+A parse collects every problem of a file into one ``ConfigError`` naming file and field
+(the reader here serves ``target_config`` too; ``pair`` checks a drafter against a target).
+DFlash fields sit at the top level or under ``dflash_config`` (agreeing if both);
 ``num_target_layers`` is the *target's* layer count. Variants that share the architecture
 name but switch behaviour with extra keys are refused by name, never served with wrong
 numerics; unknown top-level keys are ignored, unknown ``dflash_config`` keys refused.
-Kimi-Linear targets: 1-based ``kda_layers`` are KDA, ``full_attn_layers`` MLA; every layer
-must be in exactly one list (HF and SGLang silently call unlisted layers MLA), and without
-``linear_attn_config`` all layers are MLA.
 """
 
 from __future__ import annotations
@@ -58,26 +56,7 @@ class DrafterConfig:
         return len(self.target_layer_ids)
 
 
-@dataclass(frozen=True)
-class TargetConfig:
-    """The facts about a target model that DFlash depends on."""
-
-    architecture: str
-    hidden_size: int
-    num_hidden_layers: int
-    vocab_size: int
-    # per 0-based layer: "kda" (linear attention), "mla", or "attention"
-    layer_kinds: tuple[str, ...]
-    eos_token_ids: tuple[int, ...]
-    pad_token_id: int | None = None
-
-
 DRAFTER_ARCHITECTURE = "DFlashDraftModel"
-KIMI_LINEAR = ("kimi_linear", "KimiLinearForCausalLM")
-# model_type -> architecture; every layer of these is plain softmax attention
-STANDARD_TARGETS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                    "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM"}
-
 # DFlash keys that may sit at the top level or under dflash_config
 _DFLASH_KEYS = ("block_size", "mask_token_id", "target_layer_ids", "num_target_layers", "mask_token")
 # variant switches: keys -> (values meaning the plain drafter, what any other value turns on)
@@ -106,15 +85,15 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_int_list(v) -> bool:
+def is_int_list(v) -> bool:
     return isinstance(v, list) and all(map(_is_int, v))
 
 
-def _as_list(v) -> list:
+def as_list(v) -> list:
     return v if isinstance(v, list) else [v]
 
 
-class _Reader:
+class FieldReader:
     """Typed access to one JSON object that records every problem instead of stopping."""
 
     def __init__(self, d: dict, source: str, names: dict[str, str] | None = None):
@@ -151,9 +130,9 @@ class _Reader:
         return None if v is None else float(v)
 
     def int_list(self, key: str) -> list[int] | None:
-        return self.get(key, _is_int_list, "a list of integers")
+        return self.get(key, is_int_list, "a list of integers")
 
-    def absorb(self, other: _Reader) -> None:
+    def absorb(self, other: FieldReader) -> None:
         self.problems += other.problems
         self.missing += other.missing
 
@@ -183,12 +162,12 @@ def read_config_json(path_or_dir: str | Path, what: str) -> tuple[dict, str]:
     return d, str(f)
 
 
-def _check_architecture(r: _Reader, expected: str) -> None:
+def check_architecture(r: FieldReader, expected: str) -> None:
     if r.d.get("architectures") != [expected]:
         r.problem("architectures", f"expected [\"{expected}\"], got {r.d.get('architectures')!r}")
 
 
-def _merge_dflash(r: _Reader) -> None:
+def _merge_dflash(r: FieldReader) -> None:
     """Lay dflash_config over the top level (in place), remembering where each key came from."""
     nested = r.d.get("dflash_config") or {}
     if not isinstance(nested, dict):
@@ -206,7 +185,7 @@ def _merge_dflash(r: _Reader) -> None:
         r.names[key] = f"dflash_config.{key}"
 
 
-def _refuse_variants(r: _Reader) -> None:
+def _refuse_variants(r: FieldReader) -> None:
     for key, (plain, feature) in _VARIANTS.items():
         if key in r.d and r.d[key] not in plain:
             r.problem(key, f"{r.d[key]!r} turns on {feature}, which is not implemented "
@@ -215,7 +194,7 @@ def _refuse_variants(r: _Reader) -> None:
         r.problem("hidden_act", f"only \"silu\" is implemented, got {r.d['hidden_act']!r}")
 
 
-def _refuse_sliding(r: _Reader, num_layers: int | None) -> None:
+def _refuse_sliding(r: FieldReader, num_layers: int | None) -> None:
     layer_types = r.d.get("layer_types")
     if layer_types is None:
         # transformers derives layer_types then: layers >= max_window_layers slide
@@ -244,7 +223,7 @@ def _freeze(value):
     return value
 
 
-def _rope(r: _Reader) -> tuple[float | None, tuple | None]:
+def _rope(r: FieldReader) -> tuple[float | None, tuple | None]:
     """(rope_theta, rope_scaling) from transformers-5 `rope_parameters` or the older pair."""
     params, theta_reader = r.d.get("rope_parameters"), r
     if params is not None:
@@ -257,7 +236,7 @@ def _rope(r: _Reader) -> tuple[float | None, tuple | None]:
         if r.present("rope_theta") and r.d["rope_theta"] != params.get("rope_theta"):
             r.problem("rope_theta", f"{r.d['rope_theta']!r} disagrees with "
                                     f"rope_parameters.rope_theta {params.get('rope_theta')!r}")
-        theta_reader = _Reader(params, r.source, {"rope_theta": "rope_parameters.rope_theta"})
+        theta_reader = FieldReader(params, r.source, {"rope_theta": "rope_parameters.rope_theta"})
         extra = {k: v for k, v in params.items() if k != "rope_theta"}
     else:
         extra = r.d.get("rope_scaling") or {}
@@ -289,9 +268,9 @@ def _layer_id_problems(ids: tuple[int, ...], target_layers: int | None, where: s
 def parse_drafter(d: dict, source: str) -> tuple[DrafterConfig | None, list[str]]:
     """(config, every problem of the file): the config is None only when fields are missing
     or mistyped, so a checker can still compare a flawed drafter with its target."""
-    r = _Reader(dict(d), source)
+    r = FieldReader(dict(d), source)
     _merge_dflash(r)
-    _check_architecture(r, DRAFTER_ARCHITECTURE)
+    check_architecture(r, DRAFTER_ARCHITECTURE)
     _refuse_variants(r)
     layers = r.int("num_hidden_layers", minimum=1)
     _refuse_sliding(r, layers)
@@ -347,122 +326,3 @@ def load_drafter_config(path_or_dir: str | Path) -> DrafterConfig:
     """The drafter config of a checkpoint directory (or of one config.json file)."""
     d, source = read_config_json(path_or_dir, "drafter")
     return drafter_config_from_dict(d, source)
-
-
-def _one_based_layers(r: _Reader, key: str, n: int) -> set[int] | None:
-    ids = r.int_list(key)
-    if ids is None:
-        return None
-    bad = [i for i in ids if not 1 <= i <= n]
-    if bad:
-        r.problem(key, f"layer number(s) {bad} outside 1..{n} (these lists are 1-based)")
-    if len(set(ids)) != len(ids):
-        r.problem(key, f"duplicate layer number(s) {sorted({i for i in ids if ids.count(i) > 1})}")
-    return set(ids)
-
-
-def _kimi_layer_kinds(r: _Reader, n: int | None) -> tuple[str, ...] | None:
-    lac = r.d.get("linear_attn_config")
-    if n is None:
-        return None
-    if lac is None:
-        return ("mla",) * n
-    if not isinstance(lac, dict):
-        r.problem("linear_attn_config", f"expected an object or null, got {lac!r}")
-        return None
-    names = {k: f"linear_attn_config.{k}" for k in ("kda_layers", "full_attn_layers")}
-    sub = _Reader(lac, r.source, names)
-    kda, full = _one_based_layers(sub, "kda_layers", n), _one_based_layers(sub, "full_attn_layers", n)
-    kinds = None
-    if kda is not None and full is not None:
-        if kda & full:
-            sub.problem("full_attn_layers", f"layer(s) {sorted(kda & full)} also listed in kda_layers")
-        neither = sorted(set(range(1, n + 1)) - kda - full)
-        if neither:
-            sub.problem("full_attn_layers", f"layer(s) {neither} in neither list")
-        kinds = tuple("kda" if i + 1 in kda else "mla" for i in range(n))
-    r.absorb(sub)
-    return kinds
-
-
-def _eos_ids(r: _Reader) -> tuple[int, ...] | None:
-    v = r.get("eos_token_id", lambda v: _as_list(v) != [] and _is_int_list(_as_list(v)),
-              "a token id or a non-empty list of them")
-    return None if v is None else tuple(_as_list(v))
-
-
-def target_config_from_dict(d: dict, source: str) -> TargetConfig:
-    """Parse a target config.json object; ``source`` names the file in every error."""
-    model_type = d.get("model_type")
-    architecture = KIMI_LINEAR[1] if model_type == KIMI_LINEAR[0] else STANDARD_TARGETS.get(model_type)
-    if architecture is None:
-        supported = ", ".join([KIMI_LINEAR[0], *STANDARD_TARGETS])
-        raise ConfigError(f"{source}: field `model_type`: unsupported target {model_type!r} "
-                          f"(supported: {supported})")
-    r = _Reader(d, source)
-    _check_architecture(r, architecture)
-    n = r.int("num_hidden_layers", minimum=1)
-    if model_type == KIMI_LINEAR[0]:
-        kinds = _kimi_layer_kinds(r, n)
-    else:
-        kinds = None if n is None else ("attention",) * n
-    cfg = dict(
-        architecture=architecture, hidden_size=r.int("hidden_size", minimum=1), num_hidden_layers=n,
-        vocab_size=r.int("vocab_size", minimum=1), layer_kinds=kinds, eos_token_ids=_eos_ids(r),
-        pad_token_id=r.int("pad_token_id", required=False),
-    )
-    if r.all_problems():
-        raise ConfigError(r.all_problems())
-    return TargetConfig(**cfg)
-
-
-def load_target_config(path_or_dir: str | Path) -> TargetConfig:
-    """The target config of a model directory (or of one config.json file)."""
-    d, source = read_config_json(path_or_dir, "target")
-    return target_config_from_dict(d, source)
-
-
-def pair_problems(drafter: DrafterConfig, target: TargetConfig, drafter_source: str,
-                  target_source: str) -> list[str]:
-    """Why ``drafter`` cannot serve ``target``, beyond the drafter's own problems."""
-    d, t, n = drafter_source, target_source, target.num_hidden_layers
-    problems = []
-    if drafter.hidden_size != target.hidden_size:
-        # the drafter runs on the target's embeddings and through its lm_head
-        problems.append(f"{d}: field `hidden_size` {drafter.hidden_size} != {t}: field `hidden_size` "
-                        f"{target.hidden_size} (the drafter uses the target's embed_tokens and lm_head)")
-    outside = [i for i in drafter.target_layer_ids if i >= n]
-    if outside:
-        problems.append(f"{d}: field `target_layer_ids`: id(s) {outside} are not layers of the "
-                        f"target ({t}: field `num_hidden_layers` {n}, 0-based ids 0..{n - 1})")
-    if n - 1 in drafter.target_layer_ids and target.architecture != KIMI_LINEAR[1]:
-        # SGLang's llama/qwen models tap the stream at a layer's input (layer i + 1 for
-        # the output of i), so nothing taps the last layer's output before the final norm
-        problems.append(f"{d}: field `target_layer_ids`: id {n - 1} is the target's last layer, "
-                        f"whose output SGLang cannot capture for {target.architecture} (use ids "
-                        f"below {n - 1})")
-    if drafter.target_num_layers is not None and drafter.target_num_layers != n:
-        problems.append(f"{d}: field `num_target_layers` {drafter.target_num_layers} != {t}: "
-                        f"field `num_hidden_layers` {n} (trained for another target?)")
-    if not 0 <= drafter.mask_token_id < target.vocab_size:
-        problems.append(f"{d}: field `mask_token_id` {drafter.mask_token_id} outside the target "
-                        f"vocabulary ({t}: field `vocab_size` {target.vocab_size})")
-    if drafter.vocab_size is not None and drafter.vocab_size != target.vocab_size:
-        problems.append(f"{d}: field `vocab_size` {drafter.vocab_size} != {t}: field "
-                        f"`vocab_size` {target.vocab_size}")
-    return problems
-
-
-def validate_pair(drafter: DrafterConfig, target: TargetConfig, drafter_source: str,
-                  target_source: str) -> list[str]:
-    """Every reason ``drafter`` cannot serve ``target`` (empty when they fit)."""
-    return (drafter_problems(drafter, drafter_source)
-            + pair_problems(drafter, target, drafter_source, target_source))
-
-
-def check_pair(drafter: DrafterConfig, target: TargetConfig, drafter_source: str,
-               target_source: str) -> None:
-    """Raise one ``ConfigError`` listing every incompatibility of the pair."""
-    problems = validate_pair(drafter, target, drafter_source, target_source)
-    if problems:
-        raise ConfigError(problems)

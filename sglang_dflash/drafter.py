@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import DrafterConfig
+from .checkpoint import load_drafter_state_dict
+from .config import DrafterConfig, load_drafter_config
 from .kernels.naive.draft_attention import draft_attention as _torch_draft_attention
 from .kernels.naive.draft_kv import draft_kv_append as _torch_draft_kv_append
 from .kernels.naive.draft_kv import norm_rope
@@ -282,3 +283,12 @@ class DFlashDrafter(nn.Module):
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, pool.k[i], pool.v[i], slot_table, ctx_lens, self.ops.draft_attention)
         return self.norm(h)
+
+
+def load_drafter(path, target_hidden: int, dtype: torch.dtype | None = None) -> DFlashDrafter:
+    """A DFlash drafter from a checkpoint directory, in eval mode: config.json and
+    safetensors only, every tensor name and shape checked (``checkpoint``), no code run."""
+    cfg = load_drafter_config(path)
+    drafter = DFlashDrafter(cfg)
+    drafter.load_state_dict(load_drafter_state_dict(path, cfg, target_hidden, dtype=dtype), strict=True)
+    return drafter.eval()

@@ -9,7 +9,7 @@ pay nothing for the plugin.
 The main hook is on ``SpeculativeAlgorithm.create_worker``: the single place where SGLang turns
 ``--speculative-algorithm dflash`` (any case; ``from_string`` upper-cases it) into a
 worker class (``Scheduler.maybe_init_draft_worker`` is its only caller). For DFLASH the
-hook returns ``sglang_dflash.worker.DFlashWorker``; ``SGLANG_DFLASH_ROUTE=0`` gives the
+hook returns ``sglang_dflash.worker.dflash_worker.DFlashWorker``; ``SGLANG_DFLASH_ROUTE=0`` gives the
 built-in ``DFlashWorkerV2`` back. Why this seam and not the other two:
 
 - a registered name (``SpeculativeAlgorithm.register`` + a ``CustomSpecAlgo`` subclass)
@@ -53,7 +53,7 @@ logger = logging.getLogger("sglang_dflash")
 SUPPORTED_SGLANG = "0.5.23"
 # "0": `--speculative-algorithm dflash` runs SGLang's built-in DFlashWorkerV2.
 ROUTE_ENV = "SGLANG_DFLASH_ROUTE"
-WORKER = "sglang_dflash.worker.DFlashWorker"
+WORKER = "sglang_dflash.worker.dflash_worker.DFlashWorker"
 CREATE_WORKER = "sglang.srt.speculative.spec_info.SpeculativeAlgorithm.create_worker"
 HANDLE_DFLASH = "sglang.srt.arg_groups.speculative_hook._handle_dflash"
 # the DFLASH server-args defaults SGLang's _handle_dflash declares, which ours keeps
@@ -114,7 +114,7 @@ def make_create_worker_hook(route: bool) -> Callable:
         add_kimi_dflash_capture()
         if not route:
             return original(algorithm, server_args)
-        from sglang_dflash.worker import DFlashWorker
+        from sglang_dflash.worker.dflash_worker import DFlashWorker
 
         return DFlashWorker
 

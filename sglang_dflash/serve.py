@@ -87,7 +87,7 @@ def _stub_torchvision_if_missing() -> str | None:
 
     The check builds no model, so the stub the CPU dev server uses serves here too.
     """
-    from .cpu_shims import install_torchvision_stub
+    from .torchvision_stub import install_torchvision_stub
 
     if install_torchvision_stub():
         return "torchvision does not load here: sglang's vision-model imports got a stub"

@@ -6,18 +6,19 @@ import contextlib
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+
+from sglang_dflash.dev.server import free_port
 
 
 def require_sglang() -> None:
     """Skip without SGLang (the canary test fails instead under CI); else stub torchvision."""
     if importlib.util.find_spec("sglang") is None:
         pytest.skip("sglang is not installed here (`make setup-sglang`)")
-    from sglang_dflash.cpu_shims import install_torchvision_stub
+    from sglang_dflash.torchvision_stub import install_torchvision_stub
 
     install_torchvision_stub()
 
@@ -41,12 +42,6 @@ def last_json_line(proc: subprocess.Popen, timeout: float) -> dict:
     assert proc.returncode == 0 and lines, \
         f"fresh process failed (rc {proc.returncode}):\n{err[-4000:]}"
     return json.loads(lines[-1])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

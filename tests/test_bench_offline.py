@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sglang_dflash.backend import get_ops
-from sglang_dflash.bench_offline import add_offline_args, main_offline
+from sglang_dflash.bench.offline import add_offline_args, main_offline
 from sglang_dflash.reference.demo import use_ops
 from sglang_dflash.reference.offline import offline_acceptance
 from sglang_dflash.reference.tiny_pair import DEMO_PROMPTS, encode, load_tiny_pair
@@ -53,7 +53,7 @@ def test_transformers_target_runs(tmp_path):
     from make_tiny_qwen3 import make_tiny_qwen3
 
     from sglang_dflash.drafter import DFlashDrafter
-    from sglang_dflash.reference.train import drafter_config, save_drafter
+    from sglang_dflash.dev.train import drafter_config, save_drafter
 
     target_dir = make_tiny_qwen3(tmp_path / "qwen3")
     cfg = json.loads((target_dir / "config.json").read_text())

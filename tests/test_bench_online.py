@@ -16,8 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from sglang_dflash import bench_http, bench_prompts
-from sglang_dflash import bench_online as bo
+from sglang_dflash.bench import client as bench_http, prompts as bench_prompts
+from sglang_dflash.bench import online as bo
 
 # commit lengths (accept_len + 1) of each verify step; picked by a hash of the prompt
 PATTERNS = ([3, 1, 4, 2], [1, 1, 2, 6], [5, 16, 1, 3, 2], [2, 2])

@@ -6,16 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from sglang_dflash.config import (
-    ConfigError,
-    DrafterConfig,
-    check_pair,
-    drafter_config_from_dict,
-    load_drafter_config,
-    load_target_config,
-    target_config_from_dict,
-    validate_pair,
-)
+from sglang_dflash.config import ConfigError, DrafterConfig, drafter_config_from_dict, load_drafter_config
+from sglang_dflash.pair import check_pair, validate_pair
+from sglang_dflash.target_config import load_target_config, target_config_from_dict
 
 FIXTURES = Path(__file__).parent / "fixtures" / "configs"
 SRC = "ckpt/config.json"

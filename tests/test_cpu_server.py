@@ -2,7 +2,7 @@
 
 One server per module: a tiny random-weight Qwen3 (written by
 ``fixtures/make_tiny_qwen3.py``), fp32, ``--attention-backend torch_native``, started
-with ``python -m sglang_dflash.cpu_shims serve``. Its greedy tokens must equal a
+with ``python -m sglang_dflash.dev.cpu_shims serve``. Its greedy tokens must equal a
 pure-torch greedy run of the same weights (transformers' Qwen3 in fp32; the logit gaps
 of these weights are >= 1e-2, far above fp32 kernel noise). Start-up time and
 per-token latency are printed (``pytest -s``), not asserted: the machine is shared.
@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from cpu_server import Server
 from sglang_env import require_sglang
+
+from sglang_dflash.dev.server import Server
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 from make_tiny_qwen3 import BOS, make_tiny_qwen3  # noqa: E402

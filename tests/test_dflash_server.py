@@ -1,7 +1,7 @@
 """`sglang serve --speculative-algorithm dflash` on CPU, end to end through the plugin.
 
 Two real SGLang 0.5.23 servers on the bundled tiny Qwen3 pair (fp32, torch-native
-attention with the dev verify shim, started by ``python -m sglang_dflash.cpu_shims serve``):
+attention with the dev verify shim, started by ``python -m sglang_dflash.dev.cpu_shims serve``):
 one plain, one with ``--speculative-algorithm dflash`` and the plugin's worker. Every
 greedy answer of the DFlash server must equal the plain server's, token for token;
 its per-request verify counts must equal the teacher-forced walk of the same pair;
@@ -25,9 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from cpu_server import Server, ServerExited
 from sglang_env import require_sglang
 
+from sglang_dflash.dev.server import Server, ServerExited
 from sglang_dflash.reference.tiny_pair import BOS, DEMO_PROMPTS, EOS, encode
 
 require_sglang()
@@ -46,7 +46,7 @@ MAX_NEW = 40  # not a multiple of the block: the last step is cut by max_new_tok
 
 def corpus_prompts(n: int, seed: int = 7) -> list[list[int]]:
     """Prefixes (8..30 tokens, BOS first) of documents from the pair's training corpus."""
-    from sglang_dflash.reference.train import synthetic_document
+    from sglang_dflash.dev.train import synthetic_document
 
     rng = random.Random(seed)
     return [synthetic_document(rng)[: rng.randrange(8, 31)] for _ in range(n)]

@@ -22,7 +22,7 @@ require_sglang()
 
 RESOLVE_WORKER = r"""
 import json
-from sglang_dflash.cpu_shims import install_torchvision_stub
+from sglang_dflash.torchvision_stub import install_torchvision_stub
 install_torchvision_stub()
 from importlib.metadata import entry_points
 from sglang.srt.plugins import load_plugins

@@ -7,7 +7,7 @@ from sglang_dflash.check import run_check
 from sglang_dflash.reference.offline import teacher_forced_commit_lens
 from sglang_dflash.reference.tiny_pair import BOS, encode, load_tiny_pair
 from sglang_dflash.reference.tiny_qwen3 import DRAFTER_DIR, TARGET_DIR, load_tiny_qwen3_pair
-from sglang_dflash.reference.train import main
+from sglang_dflash.dev.train import main
 
 
 def test_train_script_writes_a_loadable_pair(tmp_path, capsys):

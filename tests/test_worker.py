@@ -19,8 +19,8 @@ from helpers import assert_close
 
 from sglang_dflash.backend import get_ops
 from sglang_dflash.reference.sampling import SamplingParams, probs_from_logits
-from sglang_dflash.worker_config import ServerSettings, worker_config
-from sglang_dflash.worker_steps import (
+from sglang_dflash.worker.settings import ServerSettings, worker_config
+from sglang_dflash.worker.steps import (
     RowSampling,
     accept_block,
     block_inputs,
@@ -321,8 +321,8 @@ class MiniScheduler:
     ``Req.update_finish_state``, the draft input filtered by ``DFlashDraftInputV2``."""
 
     def __init__(self, sgl, pair, block_size: int, linear_state: bool = False, num_slots: int = 4096):
-        from sglang_dflash.worker import DFlashWorker
-        from sglang_dflash.worker_config import WorkerConfig
+        from sglang_dflash.worker.dflash_worker import DFlashWorker
+        from sglang_dflash.worker.settings import WorkerConfig
 
         self.sgl, self.L = sgl, block_size
         self.step_accept_lens = []
@@ -540,7 +540,7 @@ def test_lm_head_shard_drops_sglang_vocab_padding(sgl):
     """SGLang pads the lm_head rows (100 -> 128); drafts must never come from the padding."""
     from sglang_env import one_rank_group
 
-    from sglang_dflash.worker_target import lm_head_shard
+    from sglang_dflash.worker.target import lm_head_shard
 
     with one_rank_group():
         from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead
@@ -580,7 +580,7 @@ def test_read_server_settings_from_sglang_runtime_context(published, monkeypatch
     from sglang.srt.runtime_context import get_context
 
     from sglang_dflash.reference.tiny_pair import DRAFTER_DIR
-    from sglang_dflash.worker_config import OPS_ENV, read_server_settings
+    from sglang_dflash.worker.settings import OPS_ENV, read_server_settings
 
     monkeypatch.setenv(OPS_ENV, "torch")
     # SGLang's own DFLASH argument handling refuses a CPU device, so the speculative
@@ -595,8 +595,8 @@ def test_drafter_is_checked_against_the_target_sglang_loaded(published):
     from types import SimpleNamespace
 
     from sglang_dflash.reference.tiny_pair import DRAFTER_DIR
-    from sglang_dflash.worker_target import SGLangTarget, load_drafter_for
-    from sglang_dflash.worker_config import WorkerConfig
+    from sglang_dflash.worker.target import SGLangTarget, load_drafter_for
+    from sglang_dflash.worker.settings import WorkerConfig
 
     cfg = WorkerConfig(drafter_path=str(DRAFTER_DIR), block_size=16, op_backend="torch", tp_size=1)
 

@@ -1,7 +1,7 @@
 """The tiny bundled pair: a Kimi-Linear-shaped target and a DFlash drafter trained for it.
 
 Both live under ``sglang_dflash/assets`` as ``config.json`` + ``model.safetensors`` and are
-made by ``python -m sglang_dflash.reference.train``. Their vocabulary is bytes:
+made by ``python -m sglang_dflash.dev.train``. Their vocabulary is bytes:
 ids 0..255 are the bytes of UTF-8 text, then BOS 256, EOS 257, and PAD 263, which is also
 the drafter's mask id (as Kimi-Linear's ``[PAD]`` is for the published drafter).
 """
@@ -46,20 +46,9 @@ def decode(ids: list[int]) -> str:
     return "".join(out)
 
 
-def load_drafter(path, target_hidden: int, dtype=None):
-    """A DFlash drafter from a checkpoint directory: config.json + safetensors, strict."""
-    from ..checkpoint import load_drafter_state_dict
-    from ..config import load_drafter_config
-    from ..drafter import DFlashDrafter
-
-    cfg = load_drafter_config(path)
-    drafter = DFlashDrafter(cfg)
-    drafter.load_state_dict(load_drafter_state_dict(path, cfg, target_hidden, dtype=dtype), strict=True)
-    return drafter.eval()
-
-
 def load_tiny_pair(target_dir=TARGET_DIR, drafter_dir=DRAFTER_DIR):
     """(target, drafter) of the bundled pair, fp32, eval mode."""
+    from ..drafter import load_drafter
     from .kimi_linear import KimiLinearForCausalLM
 
     target = KimiLinearForCausalLM.from_pretrained(target_dir).eval()

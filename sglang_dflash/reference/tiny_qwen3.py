@@ -1,7 +1,7 @@
 """The tiny Qwen3 pair: a stock transformers ``Qwen3ForCausalLM`` target and its DFlash drafter.
 
 A standard architecture that SGLang serves on CPU without this project's Kimi-Linear code,
-trained like the Kimi-shaped pair (``python -m sglang_dflash.reference.train --target qwen3``)
+trained like the Kimi-shaped pair (``python -m sglang_dflash.dev.train --target qwen3``)
 on the same byte corpus and vocabulary as ``tiny_pair``. The target directory is a complete
 transformers checkpoint: config, safetensors, generation config and a byte-level tokenizer.
 
@@ -117,7 +117,7 @@ def save_target(model, out: Path) -> None:
 def load_tiny_qwen3_pair(target_dir=TARGET_DIR, drafter_dir=DRAFTER_DIR):
     """(HFTarget, drafter) of the bundled Qwen3 pair, fp32, eval mode."""
     from .hf_target import HFTarget
-    from .tiny_pair import load_drafter
+    from ..drafter import load_drafter
 
     target = HFTarget.from_pretrained(target_dir, trust_remote_code=False)
     drafter = load_drafter(drafter_dir, target.hidden_size)

@@ -14,7 +14,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 
-from .bench_prompts import PromptItem
+from .prompts import PromptItem
 
 
 class HTTPError(Exception):

@@ -3,10 +3,8 @@
 Nothing in the serving path imports this module; it fills in what the lean CPU install
 of SGLang lacks, for tests and for a local server on a tiny model:
 
-- torchvision: the PyPI wheels do not load beside the CPU torch build, yet SGLang's
-  vision configs and processors import it at module level. ``install_torchvision_stub``
-  answers those imports with modules whose attributes raise when used (only
-  ``InterpolationMode``, read at import time, is real).
+- torchvision: the PyPI wheels do not load beside the CPU torch build
+  (``sglang_dflash.torchvision_stub``, which ``serve --check`` uses too).
 - vllm: on a device SGLang does not know (plain CPU without sgl-kernel), its rotary
   embedding falls back to ``vllm._custom_ops.rotary_embedding``.
   ``install_vllm_rotary_shim`` provides that one op in torch.
@@ -19,7 +17,7 @@ of SGLang lacks, for tests and for a local server on a tiny model:
   correctly but is far slower (a 24-prompt test run had not finished in 16 minutes
   that took 75 s on torch_native, on the same busy machine).
 
-Server: ``python -m sglang_dflash.cpu_shims serve --model-path DIR [sglang serve args]``
+Server: ``python -m sglang_dflash.dev.cpu_shims serve --model-path DIR [sglang serve args]``
 runs ``sglang serve`` with the shims and the CPU flags (``--device cpu
 --attention-backend torch_native --disable-cuda-graph`` unless given) under
 ``TRITON_INTERPRET=1``: SGLang's Triton kernels (the KV-pool copy a speculative server
@@ -32,9 +30,6 @@ installed there too (the guard at the bottom).
 
 from __future__ import annotations
 
-import enum
-import importlib.abc
-import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -42,75 +37,10 @@ import types
 
 import torch
 
-# Reported as the stub's version: older than any real torchvision, so version-gated
-# code paths (transformers checks ">= 0.27") take their torchvision-free branch.
-TORCHVISION_STUB_VERSION = "0.0.0+sglang-dflash-cpu-stub"
+from ..torchvision_stub import install_torchvision_stub
+
 CPU_SERVE_DEFAULTS = (("--device", "cpu"), ("--attention-backend", "torch_native"),
                       ("--disable-cuda-graph", None))
-
-
-class InterpolationMode(enum.Enum):
-    NEAREST = "nearest"
-    NEAREST_EXACT = "nearest-exact"
-    BILINEAR = "bilinear"
-    BICUBIC = "bicubic"
-    BOX = "box"
-    HAMMING = "hamming"
-    LANCZOS = "lanczos"
-
-
-def _unavailable(module: str, name: str):
-    def fail(*args, **kwargs):
-        raise RuntimeError(f"{module}.{name} was called, but torchvision is a CPU stub here "
-                           "(sglang_dflash.cpu_shims): vision inputs are not supported")
-
-    return fail
-
-
-class _StubLoader(importlib.abc.Loader):
-    def create_module(self, spec):
-        return None
-
-    def exec_module(self, module: types.ModuleType) -> None:
-        module.__version__ = TORCHVISION_STUB_VERSION
-        module.InterpolationMode = InterpolationMode
-
-        def attribute(name: str):
-            if name.startswith("__"):
-                raise AttributeError(name)
-            return _unavailable(module.__name__, name)
-
-        module.__getattr__ = attribute
-
-
-class _StubFinder(importlib.abc.MetaPathFinder):
-    def find_spec(self, fullname, path, target=None):
-        if fullname == "torchvision" or fullname.startswith("torchvision."):
-            return importlib.machinery.ModuleSpec(fullname, _StubLoader(), is_package=True)
-        return None
-
-
-def torchvision_loads() -> bool:
-    if importlib.util.find_spec("torchvision") is None:
-        return False
-    try:
-        import torchvision  # noqa: F401
-    except (ImportError, OSError, RuntimeError):
-        return False
-    return True
-
-
-def install_torchvision_stub() -> bool:
-    """Stub torchvision unless a working one is installed; idempotent. True if stubbed."""
-    if any(isinstance(f, _StubFinder) for f in sys.meta_path):
-        return True
-    if torchvision_loads():
-        return False
-    # a half-imported real torchvision must not shadow the stub
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        del sys.modules[name]
-    sys.meta_path.insert(0, _StubFinder())
-    return True
 
 
 def rotary_embedding(
@@ -202,12 +132,12 @@ def cpu_serve_argv(argv: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> None:
     if not argv or argv[0] != "serve":
-        raise SystemExit("usage: python -m sglang_dflash.cpu_shims serve --model-path DIR "
+        raise SystemExit("usage: python -m sglang_dflash.dev.cpu_shims serve --model-path DIR "
                          "[sglang serve arguments]")
     from sglang.cli.main import main as sglang_main
 
     sys.argv = ["sglang", "serve", *cpu_serve_argv(argv[1:])]
-    print("sglang_dflash.cpu_shims:", " ".join(sys.argv), flush=True)
+    print("sglang_dflash.dev.cpu_shims:", " ".join(sys.argv), flush=True)
     sglang_main()
 
 

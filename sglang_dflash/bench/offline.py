@@ -15,9 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-from .backend import BACKENDS, get_ops
-from .reference.offline import acceptance_stats, teacher_forced_commit_lens
-from .reference.sampling import SamplingParams
+from ..backend import BACKENDS, get_ops
+from ..reference.offline import acceptance_stats, teacher_forced_commit_lens
+from ..reference.sampling import SamplingParams
 
 TINY = "tiny"
 
@@ -48,8 +48,8 @@ def add_offline_args(p: argparse.ArgumentParser) -> None:
 def _prompt_texts(args) -> list[str]:
     """User text of each prompt: a JSONL file, else the tiny pair's prompts or the
     bundled benchmark set (formatted as the online benchmark formats it)."""
-    from .bench_prompts import load_prompts
-    from .reference.tiny_pair import DEMO_PROMPTS
+    from .prompts import load_prompts
+    from ..reference.tiny_pair import DEMO_PROMPTS
 
     if args.prompts is None and args.target == TINY:
         return list(DEMO_PROMPTS)
@@ -65,9 +65,9 @@ def select_prompts(prompts: list[str], num: int | None, seed: int | None) -> lis
 
 
 def _tiny_setup(args, texts):
-    from .reference.demo import use_ops
-    from .reference.loop import generate_plain
-    from .reference.tiny_pair import DRAFTER_DIR, encode, load_tiny_pair
+    from ..reference.demo import use_ops
+    from ..reference.loop import generate_plain
+    from ..reference.tiny_pair import DRAFTER_DIR, encode, load_tiny_pair
 
     target, drafter = load_tiny_pair(drafter_dir=args.drafter or DRAFTER_DIR)
     use_ops(target, drafter, get_ops(args.backend))
@@ -82,8 +82,8 @@ def _tiny_setup(args, texts):
 def _transformers_setup(args, texts):
     from transformers import AutoTokenizer
 
-    from .reference.hf_target import HFTarget
-    from .reference.tiny_pair import load_drafter
+    from ..reference.hf_target import HFTarget
+    from ..drafter import load_drafter
 
     if args.drafter is None:
         raise SystemExit("bench offline: --drafter is required with a transformers --target")

@@ -17,9 +17,12 @@ from sglang.srt.managers.utils import GenerationBatchResult
 from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
 from sglang.srt.speculative.dflash_info import DFlashVerifyInput
 
-from .backend import get_ops
-from .config import check_pair, load_drafter_config, target_config_from_dict
-from .worker_config import WorkerConfig
+from ..backend import get_ops
+from ..config import load_drafter_config
+from ..drafter import load_drafter
+from ..pair import check_pair
+from ..target_config import target_config_from_dict
+from .settings import WorkerConfig
 
 logger = logging.getLogger("sglang_dflash")
 
@@ -38,8 +41,6 @@ def lm_head_shard(lm_head) -> tuple[torch.Tensor, int]:
 
 def load_drafter_for(cfg: WorkerConfig, runner, device: torch.device):
     """The drafter checked against the target SGLang loaded, on the target's device."""
-    from .reference.tiny_pair import load_drafter
-
     drafter_cfg = load_drafter_config(cfg.drafter_path)
     model_config = runner.model_config
     target_source = f"{model_config.model_path} (config.json)"

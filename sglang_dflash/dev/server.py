@@ -1,7 +1,9 @@
-"""A real `sglang serve` on CPU (through the dev shims) in a child process, for tests.
+"""A real `sglang serve` on CPU (through the dev shims) in a child process: tests and the demo.
 
-Started with ``python -m sglang_dflash.cpu_shims serve`` in its own session, so
-stopping it also stops SGLang's scheduler and detokenizer.
+Started as ``python -m sglang_dflash.dev.cpu_shims serve`` in its own session, so
+stopping it also stops SGLang's scheduler and detokenizer. Each server gets a thread
+count (``OMP_NUM_THREADS``, default 1): two CPU servers with default threads on two
+cores run about ten times slower than with one thread each.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,48 +19,65 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from sglang_env import free_port
-
 START_TIMEOUT_S = 400
+DEFAULT_THREADS = "1"
 
 
 class ServerExited(AssertionError):
     """The server process ended before it was healthy (its log tail is the message)."""
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Server:
+    """``Server(model, log, extra_args)`` starts the server and waits until it is healthy;
+    with ``wait=False`` it only starts it (call ``wait_healthy`` later)."""
+
     def __init__(self, model: Path, log: Path, extra_args: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, wait: bool = True):
         self.model, self.port, self.log = model, free_port(), log
-        cmd = [sys.executable, "-m", "sglang_dflash.cpu_shims", "serve", "--model-path", str(model),
+        cmd = [sys.executable, "-m", "sglang_dflash.dev.cpu_shims", "serve", "--model-path", str(model),
                "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32",
                "--skip-server-warmup", *extra_args]
-        t0 = time.perf_counter()
+        full_env = {"OMP_NUM_THREADS": DEFAULT_THREADS, **os.environ, **(env or {})}
+        self.t0 = time.perf_counter()
+        self.startup_s: float | None = None
         self.proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                                     start_new_session=True, env={**os.environ, **(env or {})})
-        try:
-            self.wait_healthy()
-        except BaseException:
-            self.stop()
-            raise
-        self.startup_s = time.perf_counter() - t0
+                                     start_new_session=True, env=full_env)
+        if wait:
+            try:
+                self.wait_healthy()
+            except BaseException:
+                self.stop()
+                raise
 
-    def url(self, path: str) -> str:
+    def url(self, path: str = "") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
-    def wait_healthy(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
+    def healthy(self) -> bool:
+        """One health probe; raises ServerExited if the process is gone."""
+        if self.proc.poll() is not None:
+            raise ServerExited(f"server exited (rc {self.proc.returncode}):\n{self.log_tail()}")
+        try:
+            with urllib.request.urlopen(self.url("/health"), timeout=5) as r:
+                ok = r.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
+        if ok and self.startup_s is None:
+            self.startup_s = time.perf_counter() - self.t0
+        return ok
+
+    def wait_healthy(self, timeout: float = START_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ServerExited(f"server exited (rc {self.proc.returncode}):\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(self.url("/health"), timeout=5) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
+            if self.healthy():
+                return
             time.sleep(1.0)
-        raise AssertionError(f"server not healthy after {START_TIMEOUT_S} s:\n{self.log_tail()}")
+        raise AssertionError(f"server not healthy after {timeout} s:\n{self.log_tail()}")
 
     def post(self, path: str, body: dict, timeout: float = 600) -> tuple[dict, float]:
         """(the JSON answer, seconds it took)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .backend import BACKENDS
+from ..backend import BACKENDS
 
 # op backend: "triton" kernels or "torch" twins; unset = triton on CUDA, torch elsewhere
 OPS_ENV = "SGLANG_DFLASH_OPS"

@@ -22,7 +22,7 @@ DATASETS = {
     "mt-bench": ("HuggingFaceH4/mt_bench_prompts", None, "train", "prompt", "chat"),
 }
 # Ships with the source tree, not inside the wheel.
-BUNDLED = Path(__file__).resolve().parent / "assets" / "prompts" / "bundled.jsonl"
+BUNDLED = Path(__file__).resolve().parent.parent / "assets" / "prompts" / "bundled.jsonl"
 
 
 @dataclass(frozen=True)

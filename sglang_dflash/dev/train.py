@@ -1,7 +1,7 @@
 """Make a tiny bundled pair: train a tiny target on a synthetic byte corpus, then train a
 DFlash drafter on the target's own greedy continuations.
 
-    python -m sglang_dflash.reference.train [--target {kimi,qwen3}] [--target-out DIR] ...
+    python -m sglang_dflash.dev.train [--target {kimi,qwen3}] [--target-out DIR] ...
 
 ``kimi`` (the default) is the Kimi-Linear-shaped pair of ``tiny_pair``; ``qwen3`` is a
 stock transformers Qwen3ForCausalLM (``tiny_qwen3``) that SGLang serves as it is. Both go
@@ -34,10 +34,10 @@ from safetensors.torch import save_file
 
 from ..config import DrafterConfig
 from ..drafter import DFlashDrafter
-from . import tiny_qwen3
-from .hf_target import HFTarget
-from .kimi_linear import KimiLinearForCausalLM, tiny_config
-from .tiny_pair import DRAFTER_DIR, EOS, PAD, TARGET_DIR, VOCAB_SIZE, encode
+from ..reference import tiny_qwen3
+from ..reference.hf_target import HFTarget
+from ..reference.kimi_linear import KimiLinearForCausalLM, tiny_config
+from ..reference.tiny_pair import DRAFTER_DIR, EOS, PAD, TARGET_DIR, VOCAB_SIZE, encode
 
 SEQ_LEN = 80
 PROMPT_LEN = 16

@@ -27,8 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
-from .bench_http import RequestResult, Settings, get_json, run_request
-from .bench_prompts import DATASETS, PromptItem, load_prompts
+from .client import RequestResult, Settings, get_json, run_request
+from .prompts import DATASETS, PromptItem, load_prompts
 
 DEFAULT_LEVELS = (1, 4, 16, 32)
 

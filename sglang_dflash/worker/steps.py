@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .backend import Ops
+from ..backend import Ops
 
 
 def extend_positions(prefix_lens: list[int], extend_lens: list[int], device) -> torch.Tensor:
