@@ -140,6 +140,23 @@ def _greedy_head_cases(batches, L, V, H, dtype) -> list[Case]:
             for B in batches]
 
 
+def _combine_shards_inputs(R: int, M: int, V: int):
+    def make(device):
+        maxes = torch.randn(R, M, device=device).round(decimals=1)  # ties across shards
+        tokens = torch.randint(0, V, (R, M), device=device)
+        return maxes, tokens
+    return make
+
+
+def _combine_shards_cases(batches, L, R, V) -> list[Case]:
+    # tensor parallelism: R ranks' (max_logit, token) of the B * (L - 1) drafted rows
+    return [Case(f"combine_shards B{B} R{R}", "greedy_head", "combine_shards",
+                 _combine_shards_inputs(R, B * (L - 1), V),
+                 lambda a: _size(*a) + 8 * a[0].shape[1], ("token",),
+                 shape=dict(R=R, M=B * (L - 1)))
+            for B in batches]
+
+
 # ---- draft attention ----
 
 def _draft_attention_inputs(B, L, Hq, Hkv, D, ctx, dtype):
@@ -241,12 +258,14 @@ def _builders(smoke: bool) -> list[Case]:
         # small and irregular: odd vocab, hidden not a tile multiple, ragged contexts
         return (_accept_cases((1, 3), 16, 301)
                 + _greedy_head_cases((1, 3), 4, 301, 96, torch.float32)
+                + _combine_shards_cases((1, 3), 4, 3, 301)
                 + _draft_attention_cases((2,), (40,), 16, 4, 2, 16, torch.float32)
                 + _draft_kv_cases((2,), 4, 2, 2, 16, torch.float32)
                 + _kda_cases((2,), 4, 2, 16, 16, 24, 3, torch.float32))
     batches, bf16 = (1, 8, 32, 64), torch.bfloat16
     return (_accept_cases(batches, 16, 163840)
             + _greedy_head_cases(batches, 16, 163840, 2304, bf16)
+            + _combine_shards_cases(batches, 16, 2, 163840)
             + _draft_attention_cases(batches, (1024, 8192), 16, 32, 8, 128, bf16)
             + _draft_kv_cases(batches, 16, 5, 8, 128, bf16)
             + _kda_cases(batches, 16, 32, 128, 128, 3 * 32 * 128, 3, bf16))

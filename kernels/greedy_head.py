@@ -6,8 +6,9 @@ row id holding it. Programs of one vocabulary tile are launched next to each oth
 its weight rows are read from HBM about once and served to the other row tiles from L2.
 Pass 2, one program per row: the first tile holding the row's maximum gives the token.
 Both passes break ties toward the lowest id, so the result equals ``argmax`` of the full
-logits (which returns the first maximum). A caller with vocabulary shards combines them
-with ``combine_shards`` (highest logit, then lowest id).
+logits (which returns the first maximum). A caller with vocabulary shards gathers every
+rank's ``(max_logit, token)`` and combines them with ``combine_shards`` (highest logit,
+then lowest id), one program per tile of rows.
 
 Two tiny passes instead of atomics on packed (logit, id) keys: the partials are
 ``M x V/128`` fp32 + int32 (about 5 MiB at M = 960, V = 163840), cheap next to the
@@ -24,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .naive.greedy_head import check_greedy_head_args, combine_shards
+from .naive.greedy_head import check_combine_shards_args, check_greedy_head_args
 
 __all__ = ["greedy_head", "combine_shards"]
 
@@ -134,3 +135,40 @@ def greedy_head(
         BLOCK_T=triton.next_power_of_2(NT), num_warps=4,
     )
     return max_logit, token
+
+
+@triton.jit
+def _combine_shards_kernel(
+    maxes,   # [R, M] fp32
+    tokens,  # [R, M] int64
+    out,     # [M] int64
+    R, M,
+    BLOCK: tl.constexpr,
+):
+    o_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m_m = o_m < M
+    b_best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    b_token = tl.full([BLOCK], 2**62, dtype=tl.int64)
+    for r in range(0, R):
+        b_x = tl.load(maxes + r * M + o_m, mask=m_m, other=float("-inf"))
+        b_t = tl.load(tokens + r * M + o_m, mask=m_m, other=0)
+        better = (b_x > b_best) | ((b_x == b_best) & (b_t < b_token))
+        b_best = tl.where(better, b_x, b_best)
+        b_token = tl.where(better, b_t, b_token)
+    tl.store(out + o_m, b_token, mask=m_m)
+
+
+def combine_shards(
+    maxes: torch.Tensor,   # [R, M] fp32 max_logit of each vocabulary shard
+    tokens: torch.Tensor,  # [R, M] int64 global token id of each shard's maximum
+) -> torch.Tensor:         # [M] int64
+    """The global greedy token from per-shard results: highest logit, ties to the lowest id."""
+    check_combine_shards_args(maxes, tokens)
+    R, M = maxes.shape
+    out = torch.empty(M, dtype=torch.int64, device=maxes.device)
+    if M == 0:
+        return out
+    BLOCK = 256
+    _combine_shards_kernel[(triton.cdiv(M, BLOCK),)](
+        maxes.contiguous(), tokens.contiguous(), out, R, M, BLOCK=BLOCK, num_warps=4)
+    return out

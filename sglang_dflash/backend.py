@@ -20,6 +20,7 @@ _OP_MODULES = {
     "accept_greedy": "accept",
     "accept_sampled": "accept",
     "greedy_head": "greedy_head",
+    "combine_shards": "greedy_head",
     "draft_attention": "draft_attention",
     "draft_kv_append": "draft_kv",
     "kda_commit": "kda_commit",
@@ -32,6 +33,7 @@ class Ops:
     accept_greedy: Callable
     accept_sampled: Callable
     greedy_head: Callable
+    combine_shards: Callable
     draft_attention: Callable
     draft_kv_append: Callable
     kda_commit: Callable

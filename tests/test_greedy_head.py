@@ -8,9 +8,9 @@ from helpers import assert_close
 
 from sglang_dflash.kernels import greedy_head as kernel
 from sglang_dflash.kernels.naive import greedy_head as twin
-from sglang_dflash.kernels.naive.greedy_head import combine_shards
 
 OPS = {"twin": twin.greedy_head, "kernel": kernel.greedy_head}
+COMBINE = {"twin": twin.combine_shards, "kernel": kernel.combine_shards}
 # (M, V, H, dtype): every M, V (one not a multiple of the 128-row tile) and H of the
 # spec appears, each dtype with several of them
 CASES = [
@@ -122,11 +122,29 @@ def test_two_shards_combined_equal_the_full_head(impl, monkeypatch):
               _run(impl, hidden, weight[500:], 500, monkeypatch)]
     maxes = torch.stack([s[0] for s in shards])
     tokens = torch.stack([s[1] for s in shards])
-    assert torch.equal(combine_shards(maxes, tokens), full_token)
+    combine = COMBINE[impl]
+    with poisoned_empty(monkeypatch):
+        assert torch.equal(combine(maxes, tokens), full_token)
+        # the order of the shards does not matter
+        assert torch.equal(combine(maxes.flip(0), tokens.flip(0)), full_token)
     assert torch.equal(maxes.max(dim=0).values, full_max)
     assert full_token[0] == 100
-    # the order of the shards does not matter
-    assert torch.equal(combine_shards(maxes.flip(0), tokens.flip(0)), full_token)
+
+
+@pytest.mark.parametrize("R,M", [(1, 5), (2, 300), (4, 7)], ids=["R1-M5", "R2-M300", "R4-M7"])
+def test_combine_shards_kernel_equals_twin_on_ties(R, M, monkeypatch):
+    gen = torch.Generator().manual_seed(R * 100 + M)
+    # few distinct values: most rows tie across shards, and -inf shards never win
+    maxes = torch.randint(-2, 2, (R, M), generator=gen).float()
+    maxes[0, ::3] = float("-inf")
+    tokens = torch.randint(0, 1000, (R, M), generator=gen)
+    ref = twin.combine_shards(maxes, tokens)
+    with poisoned_empty(monkeypatch):
+        out = kernel.combine_shards(maxes, tokens)
+    assert torch.equal(out, ref)
+    top = maxes.max(dim=0).values
+    want = torch.where(maxes == top, tokens, 1 << 40).min(dim=0).values
+    assert torch.equal(ref, want)
 
 
 def test_bad_arguments_are_named():
@@ -143,5 +161,8 @@ def test_bad_arguments_are_named():
         kernel.greedy_head(hidden.long(), weight, 0)
     with pytest.raises(ValueError, match="greedy_head: argument `weight`.*contiguous"):
         kernel.greedy_head(hidden, torch.randn(64, 100).T, 0)
-    with pytest.raises(ValueError, match="combine_shards"):
-        combine_shards(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.int32))
+    for combine in COMBINE.values():
+        with pytest.raises(ValueError, match="combine_shards"):
+            combine(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.int32))
+        with pytest.raises(ValueError, match="combine_shards"):
+            combine(torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, 3, dtype=torch.int64))

@@ -51,14 +51,23 @@ def greedy_head(
     return best, token + vocab_offset
 
 
+def check_combine_shards_args(maxes, tokens) -> None:
+    if (maxes.ndim != 2 or maxes.shape[0] < 1 or tokens.shape != maxes.shape
+            or maxes.dtype != torch.float32 or tokens.dtype != torch.int64):
+        raise ValueError(f"combine_shards: expected maxes [R, M] float32 (R >= 1) and tokens [R, M] "
+                         f"int64, got {tuple(maxes.shape)} {maxes.dtype} and {tuple(tokens.shape)} "
+                         f"{tokens.dtype}")
+    if maxes.device != tokens.device:
+        raise ValueError(f"combine_shards: expected maxes and tokens on one device, got "
+                         f"{maxes.device} and {tokens.device}")
+
+
 def combine_shards(
     maxes: torch.Tensor,   # [R, M] fp32 max_logit of each vocabulary shard
     tokens: torch.Tensor,  # [R, M] int64 global token id of each shard's maximum
 ) -> torch.Tensor:         # [M] int64
     """The global greedy token from per-shard results: highest logit, ties to the lowest id."""
-    if maxes.ndim != 2 or tokens.shape != maxes.shape or tokens.dtype != torch.int64:
-        raise ValueError(f"combine_shards: expected maxes [R, M] and tokens [R, M] int64, got "
-                         f"{tuple(maxes.shape)} and {tuple(tokens.shape)} {tokens.dtype}")
+    check_combine_shards_args(maxes, tokens)
     top = maxes.max(dim=0, keepdim=True).values
     at_top = torch.where(maxes == top, tokens, torch.iinfo(torch.int64).max)
     return at_top.min(dim=0).values

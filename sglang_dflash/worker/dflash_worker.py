@@ -18,7 +18,6 @@ from sglang.srt.speculative.draft_worker_common import make_draft_input_v2
 from sglang.srt.speculative.spec_sampling_mask import SpeculativeSamplingMaskCapture
 from sglang.srt.speculative.spec_utils import GrammarTree, build_grammar_vocab_mask
 
-from ..kernels.naive.greedy_head import combine_shards
 from .settings import WorkerConfig, read_server_settings, worker_config
 from .steps import (
     RowSampling,
@@ -218,7 +217,7 @@ class DFlashWorker(BaseSpecWorker):
         self.tp_group.all_gather_into_tensor(gathered_max, local_max.contiguous())
         self.tp_group.all_gather_into_tensor(gathered_ids, local_ids.contiguous())
         # highest logit over the shards, ties to the lowest token id (one full-vocab argmax)
-        return combine_shards(gathered_max.view(P, T), gathered_ids.view(P, T))
+        return self.drafter.ops.combine_shards(gathered_max.view(P, T), gathered_ids.view(P, T))
 
     def _verify_logits(self, batch, logits_output, grammar_tree, grammar_barrier) -> torch.Tensor:
         """[B*L, V] verify logits after SGLang's per-request adjustments and grammar masks."""
