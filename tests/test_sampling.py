@@ -7,7 +7,8 @@ from scipy.stats import chi2
 from sglang_dflash.backend import get_ops
 from sglang_dflash.reference.demo import use_ops
 from sglang_dflash.reference.loop import generate_dflash
-from sglang_dflash.reference.sampling import SamplingParams, probs_from_logits, sample_inverse_cdf
+from sglang_dflash.kernels.naive.accept import inverse_cdf_fixed_point
+from sglang_dflash.reference.sampling import SamplingParams, probs_from_logits
 from sglang_dflash.reference.tiny_pair import encode, load_tiny_pair
 
 OPS = get_ops("torch")
@@ -100,7 +101,7 @@ def test_probs_from_logits_top_k_top_p():
     assert torch.equal(p[0] > 0, torch.tensor([True, False, False, False, True]))
 
 
-def test_sample_inverse_cdf_edges():
+def test_inverse_cdf_edges_without_a_removed_token():
     probs = torch.tensor([[0.0, 0.5, 0.5, 0.0]] * 3)
     u = torch.tensor([0.0, 0.5, 0.9999999])
-    assert sample_inverse_cdf(probs, u).tolist() == [1, 2, 2]
+    assert inverse_cdf_fixed_point(probs, torch.full((3,), -1), u).tolist() == [1, 2, 2]

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..backend import Ops
-from .sampling import SamplingParams, probs_from_logits, sample_inverse_cdf
+from ..kernels.naive.accept import inverse_cdf_fixed_point
+from .sampling import SamplingParams, probs_from_logits
 
 
 @dataclass
@@ -66,8 +67,10 @@ def acceptance_length(results: list[RequestResult]) -> float:
 def _pick(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
     if params.greedy:
         return int(logits.argmax())
-    u = torch.rand((), generator=gen)
-    return int(sample_inverse_cdf(probs_from_logits(logits, params), u))
+    u = torch.rand((1,), generator=gen)
+    # the inverse CDF the sampled verify uses, with no token removed
+    probs = probs_from_logits(logits, params)[None]
+    return int(inverse_cdf_fixed_point(probs, torch.tensor([-1]), u)[0])
 
 
 def _append_token(req: _Request, token: int) -> None:

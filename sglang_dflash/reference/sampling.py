@@ -62,13 +62,3 @@ def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
         probs = probs.masked_fill(probs < threshold, 0.0)
         probs = probs / probs.sum(dim=-1, keepdim=True)
     return probs
-
-
-def sample_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Smallest index i with cumsum(probs)[i] > u * sum(probs); probs [..., V], u [...]."""
-    cdf = probs.float().cumsum(dim=-1)
-    target = (u.float() * cdf[..., -1]).unsqueeze(-1)
-    idx = (cdf <= target).sum(dim=-1)
-    # u * total can round up to the total itself; clamp to the last token with mass
-    last_nonzero = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(dim=-1)
-    return torch.minimum(idx, last_nonzero).long()
