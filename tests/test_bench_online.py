@@ -1,9 +1,11 @@
 """Online benchmark client against a stub OpenAI server on 127.0.0.1.
 
-The stub is not under test: it streams one chunk per "verify step" following a fixed
-pattern of commit lengths chosen from the prompt text, and reports SGLang-shaped
-per-request stats (sglext.spec_tokens_details) derived from the same pattern, so the
-expected tau and histogram are computed here independently of the client.
+The stub is not under test: like SGLang it streams the token sampled by the prefill
+first, then one chunk per "verify step" following a fixed pattern of commit lengths
+chosen from the prompt text (none when max_tokens is 1), and reports SGLang-shaped
+per-request stats (sglext.spec_tokens_details: completion tokens include the prefill
+token) derived from the same pattern, so the expected tau and histogram are computed
+here independently of the client.
 """
 
 import json
@@ -60,8 +62,9 @@ class StubServer:
                 if self.path == "/v1/models":
                     self._json(200, {"object": "list", "data": [{"id": "stub-model"}]})
                 elif self.path == "/server_info" and stub.spec:
-                    self._json(200, {"version": "stub", "internal_states": [
-                        {"avg_spec_accept_length": SERVER_LIFETIME_TAU}]})
+                    self._json(200, {"version": "stub", "speculative_algorithm": "DFLASH",
+                                     "internal_states": [
+                                         {"avg_spec_accept_length": SERVER_LIFETIME_TAU}]})
                 else:
                     self._json(404, {"detail": "Not Found"})
 
@@ -94,25 +97,26 @@ class StubServer:
             h.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
             h.wfile.flush()
 
-        steps = pattern_for(_prompt_text(body))
+        steps = pattern_for(_prompt_text(body)) if body["max_tokens"] > 1 else []
         chat = "messages" in body
-        for n in steps:
+        for n in [1] + steps:  # the prefill's token, then one chunk per verify step
             time.sleep(self.delay_s)
             text = "tok " * n
             choice = {"index": 0, "delta": {"content": text}} if chat else {"index": 0,
                                                                             "text": text}
             send({"id": "x", "choices": [choice]})
-        if self.spec and self.sglext and body.get("return_spec_tokens_details"):
+        tokens = 1 + sum(steps)
+        # like SGLang, no stats for a request that never reached a verify step
+        if self.spec and self.sglext and body.get("return_spec_tokens_details") and steps:
             hist = [0] * max(steps)
             for n in steps:
                 hist[n - 1] += 1
             send({"id": "x", "choices": [], "sglext": {"spec_tokens_details": {
-                "spec_accept_length": sum(steps) / len(steps), "spec_verify_ct": len(steps),
-                "spec_correct_drafts_histogram": hist}}})
+                "spec_accept_length": tokens / len(steps),
+                "spec_verify_ct": len(steps), "spec_correct_drafts_histogram": hist}}})
         if body.get("stream_options", {}).get("include_usage"):
             send({"id": "x", "choices": [], "usage": {
-                "prompt_tokens": 7, "completion_tokens": sum(steps),
-                "total_tokens": 7 + sum(steps)}})
+                "prompt_tokens": 7, "completion_tokens": tokens, "total_tokens": 7 + tokens}})
         send(b"[DONE]")
         h.wfile.write(b"0\r\n\r\n")
         h.wfile.flush()
@@ -143,7 +147,8 @@ def _args(tmp_path, url, *extra):
 
 
 def _expected(items, n):
-    """tau and accept_len histogram of a level of n requests cycling `items`."""
+    """tau (verify steps only), SGLang's accept length (prefill token counted) and the
+    accept_len histogram of a level of n requests cycling `items`."""
     steps = [pattern_for(items[i % len(items)].chat_messages()[-1]["content"])
              for i in range(n)]
     hist = [0] * 16
@@ -152,13 +157,16 @@ def _expected(items, n):
             hist[c - 1] += 1
     while hist and hist[-1] == 0:
         hist.pop()
-    return sum(map(sum, steps)) / sum(map(len, steps)), hist
+    n_steps = sum(map(len, steps))
+    return sum(map(sum, steps)) / n_steps, (sum(map(sum, steps)) + n) / n_steps, hist
 
 
 LEVEL_KEYS = {"concurrency", "requests", "ok", "failed", "errors", "wall_s", "output_tokens",
               "output_tok_s", "requests_per_s", "tokens_from_usage", "tau", "tau_source",
-              "tau_request_mean", "accept_len_histogram",
-              "server_avg_spec_accept_length_lifetime", "ttft_s", "itl_s", "tpot_s",
+              "tau_requests", "verify_steps", "no_verify_requests", "no_stats_requests",
+              "sglang_accept_length", "sglang_accept_length_request_mean",
+              "accept_len_histogram", "position_accept_rate",
+              "server_info_avg_spec_accept_length", "ttft_s", "itl_s", "tpot_s",
               "latency_s", "per_request"}
 PCT_KEYS = {"p50", "p90", "p99", "mean", "n"}
 
@@ -176,12 +184,17 @@ def test_sweep_json_plots_and_speedup(tmp_path, spec_server, plain_server, capsy
         for key in ("ttft_s", "itl_s", "tpot_s", "latency_s"):
             assert set(lv[key]) == PCT_KEYS and lv[key]["p50"] <= lv[key]["p99"]
         n = max(8, 2 * lv["concurrency"])
-        tau, hist = _expected(items, n)
+        tau, sglang_tau, hist = _expected(items, n)
         assert (lv["requests"], lv["ok"], lv["failed"]) == (n, n, 0)
         assert lv["tau"] == pytest.approx(tau, rel=1e-12)
+        assert lv["sglang_accept_length"] == pytest.approx(sglang_tau, rel=1e-12)
+        assert (lv["tau_requests"], lv["no_verify_requests"], lv["no_stats_requests"]) == (n, 0, 0)
         assert lv["tau_source"].startswith("per-request")
         assert lv["accept_len_histogram"] == hist
-        assert lv["server_avg_spec_accept_length_lifetime"] == SERVER_LIFETIME_TAU
+        # P(draft j accepted) from the same histogram, by hand
+        assert lv["position_accept_rate"] == pytest.approx(
+            [sum(hist[j:]) / sum(hist) for j in range(1, 16)], rel=1e-12)
+        assert lv["server_info_avg_spec_accept_length"] == SERVER_LIFETIME_TAU
         assert lv["tokens_from_usage"] is True
         assert lv["output_tokens"] == sum(r["completion_tokens"] for r in lv["per_request"])
         assert all(r["spec_verify_ct"] for r in lv["per_request"])
@@ -196,10 +209,13 @@ def test_sweep_json_plots_and_speedup(tmp_path, spec_server, plain_server, capsy
     assert result["baseline"]["server_info"] is None
     assert result["config"]["concurrency"] == [1, 3, 5]
 
-    assert result["plots"] == ["tau_and_throughput.png", "accept_len_histogram.png"]
+    assert result["plots"] == ["tau_and_throughput.png", "accept_len_histogram.png",
+                               "position_acceptance.png"]
     for name in result["plots"]:
         assert (tmp_path / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "c=5: 10/10 done" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"server under test {spec_server.url} c=5: 10/10 done" in err
+    assert f"baseline {plain_server.url} c=5: 10/10 done" in err
 
 
 def test_requests_carry_sglang_fields_and_levels_run_concurrently(spec_server):
@@ -227,7 +243,7 @@ def test_completions_mode_templates(tmp_path, spec_server):
     assert result["levels"][0]["ok"] == 4 and result["levels"][0]["tau"] is not None
 
 
-def test_tau_falls_back_to_server_info_and_is_labelled(tmp_path):
+def test_without_per_request_stats_tau_is_na_never_the_server_figure(tmp_path):
     server = StubServer(spec=True, delay_s=0.001, sglext=False)
     try:
         args = _args(tmp_path, server.url, "--concurrency", "2", "--num-prompts", "3")
@@ -235,9 +251,40 @@ def test_tau_falls_back_to_server_info_and_is_labelled(tmp_path):
     finally:
         server.close()
     lv = json.loads((tmp_path / "out" / "result.json").read_text())["levels"][0]
-    assert lv["tau"] == SERVER_LIFETIME_TAU and "lifetime" in lv["tau_source"]
-    assert lv["accept_len_histogram"] is None
+    assert lv["tau"] is None and lv["tau_source"] is None and lv["no_stats_requests"] == 4
+    assert lv["server_info_avg_spec_accept_length"] == SERVER_LIFETIME_TAU
+    assert lv["accept_len_histogram"] is None and lv["position_accept_rate"] is None
     assert not (tmp_path / "out" / "accept_len_histogram.png").exists()
+
+
+def test_requests_without_verify_steps_are_counted_not_averaged(tmp_path, spec_server, capsys):
+    args = _args(tmp_path, spec_server.url, "--concurrency", "2", "--num-prompts", "3",
+                 "--max-tokens", "1")
+    assert bo.main_online(args) == 0
+    lv = json.loads((tmp_path / "out" / "result.json").read_text())["levels"][0]
+    assert lv["tau"] is None and lv["sglang_accept_length"] is None
+    assert (lv["tau_requests"], lv["no_verify_requests"], lv["no_stats_requests"]) == (0, 4, 0)
+    # the table's tau column says n/a; the server's running figure is not shown there
+    row = [ln for ln in capsys.readouterr().out.splitlines() if ln.split()[:1] == ["2"]][0]
+    assert row.split()[2:4] == ["n/a", "n/a"] and str(SERVER_LIFETIME_TAU) not in row
+    # a server that does not say it speculates: those requests simply carry no stats
+    s = bench_http.Settings(model="m", completions=False, max_tokens=1, temperature=0.0,
+                            spec_details=True, timeout_s=30, api_key=None)
+    items = bench_prompts.load_prompts(None, None, 2, False)
+    plain = bo.run_level(spec_server.url, items, 1, 2, s, server_info={"speculative_algorithm": None})
+    assert (plain["no_verify_requests"], plain["no_stats_requests"]) == (0, 2)
+
+
+def test_num_prompts_takes_the_kinds_round_robin():
+    items = bench_prompts.load_prompts(None, None, 4, False)
+    assert [i.kind for i in items] == ["math", "gsm8k", "code", "chat"]
+    everything = bench_prompts.load_prompts(None, None, None, False)
+    kinds = [i.kind for i in everything]
+    firsts = [everything[kinds.index(k)].id for k in ("math", "gsm8k", "code", "chat")]
+    assert [i.id for i in items] == firsts
+    nine = bench_prompts.load_prompts(None, None, 9, False)
+    assert [i.kind for i in nine] == ["math", "gsm8k", "code", "chat"] * 2 + ["math"]
+    assert len({i.id for i in nine}) == 9
 
 
 def test_no_spec_details_flag_and_failures_are_reported(tmp_path, spec_server):

@@ -132,6 +132,40 @@ def test_accept_length_equals_teacher_forced_walk(greedy_runs):
     assert offline.tau >= 2.5, "the bundled pair's drafter should be well above chance"
 
 
+def test_bench_online_tau_is_the_offline_quantity(spec):
+    """`bench online` against the real DFlash server: its tau (first token excluded) equals
+    the teacher-forced walk of the same greedy outputs, SGLang's figure counts the first
+    token, and a level whose requests never reach a verify step shows no tau."""
+    from sglang_dflash.backend import get_ops
+    from sglang_dflash.bench import online
+    from sglang_dflash.bench.client import Settings
+    from sglang_dflash.bench.prompts import PromptItem
+    from sglang_dflash.reference.offline import teacher_forced_commit_lens
+    from sglang_dflash.reference.tiny_qwen3 import load_tiny_qwen3_pair
+
+    items = [PromptItem(f"p{i}", "raw", text=t) for i, t in enumerate(DEMO_PROMPTS)]
+    s = Settings(model="tiny", completions=True, max_tokens=MAX_NEW, temperature=0.0,
+                 spec_details=True, timeout_s=300, api_key=None)
+    info = spec.get("/server_info")
+    level = online.run_level(spec.url(), items, 3, len(items), s, "test ", info)
+    assert level["ok"] == len(items) and level["tau_requests"] == len(items)
+    # the tiny Qwen3 tokenizer adds BOS, as encode() does
+    outputs = [spec.generate(encode(t), MAX_NEW)[0] for t in DEMO_PROMPTS]
+    target, drafter = load_tiny_qwen3_pair()
+    walked = teacher_forced_commit_lens(target, drafter, get_ops("torch"), [encode(t) for t in DEMO_PROMPTS],
+                                        [o["output_ids"] for o in outputs], BLOCK)
+    steps, tokens = sum(map(len, walked)), sum(map(sum, walked))
+    assert level["verify_steps"] == steps
+    assert level["tau"] == pytest.approx(tokens / steps, abs=1e-12)
+    assert level["sglang_accept_length"] == pytest.approx((tokens + len(items)) / steps, abs=1e-12)
+    assert len(level["position_accept_rate"]) == BLOCK - 1
+
+    # SGLang sends no acceptance stats for a request without a verify step
+    one = online.run_level(spec.url(), items, 3, len(items), Settings(**{**s.__dict__, "max_tokens": 1}),
+                           "test ", info)
+    assert one["tau"] is None and one["no_verify_requests"] == len(items) and one["no_stats_requests"] == 0
+
+
 def completion(server: Server, prompt, **body) -> dict:
     return server.post("/v1/completions", {"model": "tiny", "prompt": prompt, "temperature": 0, **body})[0]
 

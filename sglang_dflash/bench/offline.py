@@ -16,8 +16,10 @@ import time
 from pathlib import Path
 
 from ..backend import BACKENDS, get_ops
-from ..reference.offline import acceptance_stats, teacher_forced_commit_lens
+from ..acceptance import acceptance_stats
+from ..reference.offline import teacher_forced_commit_lens
 from ..reference.sampling import SamplingParams
+from .plots import write_offline_plot
 
 TINY = "tiny"
 
@@ -131,25 +133,6 @@ def run_offline(args) -> dict:
     }
 
 
-def plot_offline(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
-    rates = result["position_accept_rate"]
-    a.bar(range(1, len(rates) + 1), rates)
-    a.set(xlabel="draft position j", ylabel="P(accepted)", ylim=(0, 1),
-          title=f"per-position acceptance (tau {result['tau']:.2f})")
-    counts = result["commit_len_counts"]
-    b.bar(range(len(counts)), counts)
-    b.set(xlabel="tokens emitted per verify step", ylabel="steps", title="commit_len histogram")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def main_offline(args) -> int:
     try:
         result = run_offline(args)
@@ -158,7 +141,7 @@ def main_offline(args) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot_offline(result, args.out / "acceptance.png")
+    write_offline_plot(result, args.out / "acceptance.png")
     print(f"offline tau {result['tau']:.3f} over {result['steps']} steps "
           f"({result['num_prompts']} prompts, block {result['block_size']})")
     print(f"wrote {args.out / 'result.json'} and {args.out / 'acceptance.png'}")

@@ -1,19 +1,23 @@
 """`sglang-dflash bench online`: acceptance and speed of a live OpenAI-compatible server.
 
 Streams a prompt set at each level of a concurrency sweep and reports per level the
-acceptance length tau (tokens per verify step, bonus included), output tok/s, TTFT,
-inter-chunk latency (ITL) and per-token latency (TPOT) percentiles, and the speed-up over
-a baseline server (same prompts, no speculation). Stdlib HTTP only: it runs against our
-plugin, stock SGLang or vLLM.
+acceptance length tau, the per-position acceptance, output tok/s, TTFT, inter-chunk
+latency (ITL) and per-token latency (TPOT) percentiles, and the speed-up over a baseline
+server (same prompts, no speculation). Stdlib HTTP only: it runs against our plugin,
+stock SGLang or vLLM.
 
 Where tau comes from (SGLang 0.5.23, `entrypoints/openai/serving_chat.py` and
 `managers/tokenizer_manager.py`): the request sets `return_spec_tokens_details: true`;
-the last stream chunk then carries `sglext.spec_tokens_details` with `spec_accept_length`
-(= completion_tokens / spec_verify_ct), `spec_verify_ct` and
-`spec_correct_drafts_histogram` (verify steps counted per accept_len). Level tau is
-sum(completion_tokens) / sum(spec_verify_ct). Without per-request stats, SGLang's
-`/server_info` `internal_states[0].avg_spec_accept_length` is used and labelled as what it
-is (an average over the server's lifetime, not this level alone); otherwise tau is n/a.
+the last stream chunk then carries `sglext.spec_tokens_details` with `spec_verify_ct`,
+`spec_accept_length` and `spec_correct_drafts_histogram` (verify steps counted by
+accepted drafts). The headline tau is tokens per verify step: sum(completion_tokens - 1)
+/ sum(spec_verify_ct) over the requests that had verify steps, the first token of each
+request (sampled by the prefill, not by a verify) left out, which is the quantity
+`bench offline`, the reference loop and SGLang's server-level `avg_spec_accept_length`
+measure. SGLang's per-request `spec_accept_length` counts that first token too; it is
+reported beside tau, labelled. Requests with no verify step (max_tokens 1, a stop at the
+first token) are counted, not averaged in; without per-request stats tau is n/a.
+`/server_info`'s running average is recorded in the JSON, never shown as tau.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
+from ..acceptance import from_accepted_histogram
 from .client import RequestResult, Settings, get_json, run_request
+from .plots import write_online_plots
 from .prompts import DATASETS, PromptItem, load_prompts
 
 DEFAULT_LEVELS = (1, 4, 16, 32)
@@ -47,32 +53,53 @@ def percentiles(values: list[float]) -> dict:
     return {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "mean": sum(xs) / len(xs), "n": len(xs)}
 
 
-def level_tau(ok: list[RequestResult], server_avg: float | None) -> tuple[float | None, str | None]:
-    if ok and all(r.spec_verify_ct for r in ok):
-        return (sum(r.completion_tokens for r in ok) / sum(r.spec_verify_ct for r in ok),
-                "per-request sglext.spec_tokens_details (completion_tokens / spec_verify_ct)")
-    if server_avg is not None:
-        return server_avg, "/server_info avg_spec_accept_length (server lifetime, not this level)"
-    return None, None
+def level_acceptance(ok: list[RequestResult], block_size: int | None,
+                     speculative: bool = False) -> dict:
+    """tau per verify step (first token excluded) over the requests that had verify steps,
+    how many had none or no stats, SGLang's own figure, and the per-position curve.
 
-
-def _histogram(ok: list[RequestResult]) -> list[int] | None:
-    hists = [r.spec_correct_drafts_histogram for r in ok if r.spec_correct_drafts_histogram]
-    if not hists:
-        return None
-    total = [0] * max(len(h) for h in hists)
-    for h in hists:
-        for accept_len, count in enumerate(h):
-            total[accept_len] += int(count)
-    return total
+    SGLang sends no spec_tokens_details for a request that never reached a verify step,
+    so on a server known to speculate (``speculative``) a one-token answer without stats
+    counts as one with no verify step (every later token comes from a verify)."""
+    counted = [r for r in ok if r.tokens_from_usage]
+    stepped = [r for r in counted if r.spec_verify_ct]
+    no_verify = [r for r in counted if r.spec_verify_ct == 0 or (
+        speculative and r.spec_verify_ct is None and r.completion_tokens <= 1)]
+    steps = sum(r.spec_verify_ct for r in stepped)
+    hists = [r.spec_correct_drafts_histogram for r in stepped if r.spec_correct_drafts_histogram]
+    histogram = None
+    if hists:
+        histogram = [0] * max(len(h) for h in hists)
+        for h in hists:
+            for accepted, count in enumerate(h):
+                histogram[accepted] += int(count)
+    rates = None
+    if histogram:
+        L = max(block_size or 0, len(histogram))
+        rates = list(from_accepted_histogram(histogram, L).position_accept_rate)
+    return {
+        "tau": sum(r.completion_tokens - 1 for r in stepped) / steps if steps else None,
+        "tau_source": ("per-request sglext.spec_tokens_details: sum(completion_tokens - 1) / "
+                       "sum(spec_verify_ct)") if steps else None,
+        "tau_requests": len(stepped), "verify_steps": steps,
+        "no_verify_requests": len(no_verify),
+        "no_stats_requests": len(ok) - len(stepped) - len(no_verify),
+        "sglang_accept_length": (sum(r.completion_tokens for r in stepped) / steps
+                                 if steps else None),
+        "sglang_accept_length_request_mean": (
+            sum(r.spec_accept_length for r in stepped) / len(stepped)
+            if stepped and all(r.spec_accept_length is not None for r in stepped) else None),
+        "accept_len_histogram": histogram,
+        "position_accept_rate": rates,
+    }
 
 
 def summarize_level(concurrency: int, results: list[RequestResult], wall_s: float,
-                    server_avg: float | None) -> dict:
+                    server_avg: float | None, block_size: int | None = None,
+                    speculative: bool = False) -> dict:
     """Everything measured at one concurrency level, JSON-ready."""
     ok = [r for r in results if r.ok]
     tokens = sum(r.completion_tokens for r in ok)
-    tau, source = level_tau(ok, server_avg)
     return {
         "concurrency": concurrency, "requests": len(results), "ok": len(ok),
         "failed": len(results) - len(ok),
@@ -80,28 +107,38 @@ def summarize_level(concurrency: int, results: list[RequestResult], wall_s: floa
         "wall_s": wall_s, "output_tokens": tokens, "output_tok_s": tokens / wall_s,
         "requests_per_s": len(ok) / wall_s,
         "tokens_from_usage": all(r.tokens_from_usage for r in ok) if ok else None,
-        "tau": tau, "tau_source": source,
-        "tau_request_mean": (sum(r.spec_accept_length for r in ok) / len(ok)
-                             if ok and all(r.spec_accept_length for r in ok) else None),
-        "accept_len_histogram": _histogram(ok),
-        "server_avg_spec_accept_length_lifetime": server_avg,
+        **level_acceptance(ok, block_size, speculative),
+        "server_info_avg_spec_accept_length": server_avg,
         "ttft_s": percentiles([r.ttft_s for r in ok]),
         "itl_s": percentiles([x for r in ok for x in r.itl_s]),
         "tpot_s": percentiles([(r.latency_s - r.ttft_s) / (r.completion_tokens - 1)
                                for r in ok if r.completion_tokens > 1]),
         "latency_s": percentiles([r.latency_s for r in ok]),
-        "per_request": [{k: v for k, v in asdict(r).items() if k != "itl_s"} for r in results],
+        "per_request": [{k: v for k, v in asdict(r).items() if k not in ("itl_s", "text")}
+                        for r in results],
     }
 
 
 def server_avg_tau(base_url: str, s: Settings) -> float | None:
+    """SGLang's running server-level average (recorded beside a level, never as its tau)."""
     info = get_json(base_url, "/server_info", s.timeout_s, s.api_key) or {}
     states = info.get("internal_states") or [{}]
     return states[0].get("avg_spec_accept_length") if isinstance(states[0], dict) else None
 
 
+def server_block_size(server_info: dict | None) -> int | None:
+    """The verify block a SGLang server runs (speculative_num_draft_tokens), if it says."""
+    value = (server_info or {}).get("speculative_num_draft_tokens")
+    return value if isinstance(value, int) and value >= 2 else None
+
+
+def server_speculates(server_info: dict | None) -> bool:
+    """Whether a SGLang server says it runs speculative decoding."""
+    return bool((server_info or {}).get("speculative_algorithm"))
+
+
 def run_level(base_url: str, items: list[PromptItem], concurrency: int, num_requests: int,
-              s: Settings, label: str = "") -> dict:
+              s: Settings, label: str = "", server_info: dict | None = None) -> dict:
     """Send `num_requests` requests (cycling `items`) with at most `concurrency` in flight."""
     if concurrency < 1 or num_requests < 1:
         raise ValueError(f"concurrency and num_requests must be >= 1, "
@@ -126,17 +163,19 @@ def run_level(base_url: str, items: list[PromptItem], concurrency: int, num_requ
         results = list(pool.map(one, batch))
     wall = time.perf_counter() - t0
     print(file=sys.stderr)
-    return summarize_level(concurrency, results, wall, server_avg_tau(base_url, s))
+    return summarize_level(concurrency, results, wall, server_avg_tau(base_url, s),
+                           server_block_size(server_info), s.spec_details and server_speculates(server_info))
 
 
 def run_sweep(base_url: str, items: list[PromptItem], levels: list[int], s: Settings,
-              requests_per_level: int | None, warmup: int, label: str = "") -> list[dict]:
+              requests_per_level: int | None, warmup: int, label: str = "",
+              server_info: dict | None = None) -> list[dict]:
     for i in range(warmup):
         r = run_request(base_url, items[i % len(items)], s)
         if not r.ok:
             raise SystemExit(f"bench online: warm-up request to {base_url} failed: {r.error}")
     return [run_level(base_url, items, c, requests_per_level or max(len(items), 2 * c), s,
-                      label) for c in levels]
+                      label, server_info) for c in levels]
 
 
 def speedups(levels: list[dict], baseline: list[dict]) -> list[dict]:
@@ -146,68 +185,20 @@ def speedups(levels: list[dict], baseline: list[dict]) -> list[dict]:
             for lv, b in zip(levels, baseline)]
 
 
-def write_plots(result: dict, out: Path) -> list[str]:
-    """tau and tok/s vs concurrency; the accept_len histogram when the server sent one."""
-    try:
-        import matplotlib
-    except ImportError:
-        print("bench online: matplotlib is not installed, so no plots (pip install "
-              "'sglang-dflash[bench]'); result.json has every number", file=sys.stderr)
-        return []
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    levels = result["levels"]
-    cs = [lv["concurrency"] for lv in levels]
-    fig, (ax_tau, ax_tps) = plt.subplots(1, 2, figsize=(10, 4))
-    taus = [float("nan") if lv["tau"] is None else lv["tau"] for lv in levels]
-    ax_tau.plot(cs, taus, "o-")
-    if all(lv["tau"] is None for lv in levels):
-        ax_tau.text(0.5, 0.5, "tau n/a: no acceptance stats", ha="center",
-                    transform=ax_tau.transAxes)
-    ax_tau.set(xlabel="concurrency", ylabel="tau (tokens per verify step)", title="acceptance")
-    ax_tps.plot(cs, [lv["output_tok_s"] for lv in levels], "o-", label="server")
-    if result.get("baseline"):
-        ax_tps.plot(cs, [lv["output_tok_s"] for lv in result["baseline"]["levels"]], "s--",
-                    label="baseline")
-    ax_tps.set(xlabel="concurrency", ylabel="output tok/s", title="throughput")
-    ax_tps.legend()
-    for ax in (ax_tau, ax_tps):
-        ax.set_xscale("log")
-        ax.set_xticks(cs, [str(c) for c in cs])
-    fig.tight_layout()
-    fig.savefig(out / "tau_and_throughput.png", dpi=120)
-    plt.close(fig)
-    written = ["tau_and_throughput.png"]
-    hist_levels = [lv for lv in levels if lv["accept_len_histogram"]]
-    if hist_levels:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        width = 0.8 / len(hist_levels)
-        for k, lv in enumerate(hist_levels):
-            h = lv["accept_len_histogram"]
-            ax.bar([a + k * width for a in range(len(h))], [x / sum(h) for x in h], width,
-                   label=f"c={lv['concurrency']}")
-        ax.set(xlabel="accept_len (accepted drafts per verify step)",
-               ylabel="fraction of verify steps", title="acceptance histogram")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "accept_len_histogram.png", dpi=120)
-        plt.close(fig)
-        written.append("accept_len_histogram.png")
-    return written
-
-
 def print_table(result: dict) -> None:
     speed = {row["concurrency"]: row["speedup"] for row in result["speedup"] or []}
 
     def f(x, spec: str) -> str:
         return "n/a" if x is None else format(x, spec)
 
-    print(f"{'conc':>5} {'ok':>5} {'tau':>6} {'tok/s':>9} {'speedup':>8} {'ttft p50':>9} "
-          f"{'ttft p99':>9} {'itl p50':>8} {'itl p99':>8}  (seconds)")
+    print("tau: tokens per verify step, each request's first (prefill) token excluded; "
+          "sglang: SGLang's accept length, which counts it")
+    print(f"{'conc':>5} {'ok':>5} {'tau':>6} {'sglang':>6} {'no-vfy':>6} {'tok/s':>9} {'speedup':>8} "
+          f"{'ttft p50':>9} {'ttft p99':>9} {'itl p50':>8} {'itl p99':>8}  (seconds)")
     for lv in result["levels"]:
         c, t, i = lv["concurrency"], lv["ttft_s"], lv["itl_s"]
-        print(f"{c:>5} {lv['ok']:>5} {f(lv['tau'], '.3f'):>6} {f(lv['output_tok_s'], '.1f'):>9} "
+        print(f"{c:>5} {lv['ok']:>5} {f(lv['tau'], '.3f'):>6} {f(lv['sglang_accept_length'], '.3f'):>6} "
+              f"{lv['no_verify_requests']:>6} {f(lv['output_tok_s'], '.1f'):>9} "
               f"{f(speed.get(c), '.2f'):>8} {f(t['p50'], '.3f'):>9} {f(t['p99'], '.3f'):>9} "
               f"{f(i['p50'], '.4f'):>8} {f(i['p99'], '.4f'):>8}")
 
@@ -226,7 +217,8 @@ def add_online_args(p: argparse.ArgumentParser) -> None:
     p.description = "\n\n".join(__doc__.split("\n\n")[:2])
     p.epilog = ("Writes OUT/result.json (config, server info, every level with every field and "
                 "per-request stats, baseline levels, speed-up), OUT/tau_and_throughput.png and, "
-                "when the server reports per-request histograms, OUT/accept_len_histogram.png. "
+                "when the server reports per-request histograms, OUT/accept_len_histogram.png and "
+                "OUT/position_acceptance.png. "
                 + __doc__.split("\n\n")[2])
     p.add_argument("--url", default="http://127.0.0.1:30000",
                    help="base URL of the server under test (default %(default)s)")
@@ -242,7 +234,8 @@ def add_online_args(p: argparse.ArgumentParser) -> None:
                           "40 math / gsm8k / code / chat prompts")
     src.add_argument("--dataset", choices=sorted(DATASETS), default=None,
                      help="load from the Hugging Face hub (needs `datasets` and network)")
-    p.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts")
+    p.add_argument("--num-prompts", type=int, default=None,
+                   help="use N prompts, taken round-robin over the prompt kinds (math, code, ...)")
     p.add_argument("--concurrency", type=_levels, default=list(DEFAULT_LEVELS),
                    help="comma-separated sweep (default 1,4,16,32)")
     p.add_argument("--requests-per-level", type=int, default=None,
@@ -275,12 +268,14 @@ def _settings(args, url: str) -> Settings:
                     timeout_s=args.timeout, api_key=args.api_key)
 
 
-def _bench_server(args, url: str, items: list[PromptItem], label: str) -> dict:
+def _bench_server(args, url: str, items: list[PromptItem], role: str) -> dict:
+    """One server's sweep; progress lines name it: `server under test URL` or `baseline URL`."""
     s = _settings(args, url)
-    return {"url": url, "model": s.model,
-            "server_info": get_json(url, "/server_info", s.timeout_s, s.api_key),
+    info = get_json(url, "/server_info", s.timeout_s, s.api_key)
+    print(f"bench online: {role} {url} (model {s.model})", file=sys.stderr)
+    return {"url": url, "model": s.model, "server_info": info,
             "levels": run_sweep(url, items, args.concurrency, s, args.requests_per_level,
-                                args.warmup, label)}
+                                args.warmup, f"{role} {url} ", info)}
 
 
 def main_online(args) -> int:
@@ -292,7 +287,7 @@ def main_online(args) -> int:
     except ValueError as e:
         raise SystemExit(f"bench online: {e}")
     print(f"bench online: {len(items)} prompts, levels {args.concurrency}", file=sys.stderr)
-    server = _bench_server(args, args.url, items, "")
+    server = _bench_server(args, args.url, items, "server under test")
     result = {"tool": "sglang-dflash bench online",
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "config": {k: str(v) if isinstance(v, Path) else v
@@ -300,10 +295,10 @@ def main_online(args) -> int:
               "server": {k: v for k, v in server.items() if k != "levels"},
               "levels": server["levels"], "baseline": None, "speedup": None}
     if args.baseline_url:
-        result["baseline"] = _bench_server(args, args.baseline_url, items, "baseline ")
+        result["baseline"] = _bench_server(args, args.baseline_url, items, "baseline")
         result["speedup"] = speedups(result["levels"], result["baseline"]["levels"])
     args.out.mkdir(parents=True, exist_ok=True)
-    result["plots"] = write_plots(result, args.out)
+    result["plots"] = write_online_plots(result, args.out)
     (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     print_table(result)
     print(f"wrote {args.out / 'result.json'} and {', '.join(result['plots'])}")

@@ -110,9 +110,24 @@ def hub_items(name: str, limit: int | None) -> list[PromptItem]:
     return items
 
 
+def round_robin_by_kind(items: list[PromptItem], limit: int) -> list[PromptItem]:
+    """The first ``limit`` prompts taken one kind at a time, kinds in order of first
+    appearance, each kind's prompts in file order. E.g. kinds [m, m, m, c, c, g] and
+    limit 4 -> m1, c1, g1, m2."""
+    by_kind: dict[str, list[PromptItem]] = {}
+    for item in items:
+        by_kind.setdefault(item.kind, []).append(item)
+    queues = list(by_kind.values())
+    out: list[PromptItem] = []
+    for i in range(max(map(len, queues), default=0)):
+        out += [q[i] for q in queues if i < len(q)]
+    return out[:limit]
+
+
 def load_prompts(path: Path | None, dataset: str | None, limit: int | None,
                  completions: bool) -> list[PromptItem]:
+    """A prompt set; ``limit`` takes that many, round-robin over the kinds it holds."""
     if dataset:
         return hub_items(dataset, limit)
     items = read_jsonl(path or BUNDLED, completions)
-    return items[:limit] if limit else items
+    return round_robin_by_kind(items, limit) if limit else items

@@ -8,7 +8,8 @@ import torch
 
 from ..backend import get_ops
 from .loop import generate_dflash, generate_plain
-from .offline import acceptance_stats, teacher_forced_commit_lens
+from ..acceptance import acceptance_stats
+from .offline import teacher_forced_commit_lens
 from .sampling import SamplingParams
 from .tiny_pair import DEMO_PROMPTS, decode, encode, load_tiny_pair
 

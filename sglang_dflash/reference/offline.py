@@ -11,42 +11,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from ..acceptance import AcceptanceStats, acceptance_stats
 from ..backend import Ops
 from .loop import RequestResult, draft_block, generate_plain
 from .sampling import SamplingParams
-
-
-@dataclass(frozen=True)
-class AcceptanceStats:
-    tau: float                         # tokens per verify step, bonus included
-    steps: int                         # verify steps (blocks)
-    tokens: int                        # tokens emitted by those steps
-    commit_len_counts: tuple[int, ...]  # [L + 1]: steps that emitted 0..L tokens
-    position_accept_rate: tuple[float, ...]  # [L - 1]: P(draft j accepted), j = 1..L-1
-
-    def to_dict(self) -> dict:
-        return {
-            "tau": self.tau, "steps": self.steps, "tokens": self.tokens,
-            "commit_len_counts": list(self.commit_len_counts),
-            "position_accept_rate": list(self.position_accept_rate),
-        }
-
-
-def acceptance_stats(commit_lens: list[int], block_size: int) -> AcceptanceStats:
-    """Summarise the commit_len of every verify step."""
-    counts = [0] * (block_size + 1)
-    for n in commit_lens:
-        counts[n] += 1
-    steps = len(commit_lens)
-    # draft j (1-based) was accepted in a step iff that step emitted more than j tokens
-    rates = [sum(c for n, c in enumerate(counts) if n > j) / steps if steps else 0.0
-             for j in range(1, block_size)]
-    tokens = sum(commit_lens)
-    return AcceptanceStats(tokens / steps if steps else 0.0, steps, tokens, tuple(counts), tuple(rates))
 
 
 def teacher_forced_commit_lens(target, drafter, ops: Ops, prompts: list[list[int]],
