@@ -1,6 +1,7 @@
 # Two commands on a fresh CPU machine (see README):
-#   make demo   set up .venv and run the tiny bundled pair through the reference DFlash loop
-#   make test   set up .venv plus the lean CPU SGLang stack and run the test suite
+#   make demo   set up .venv with the lean CPU SGLang stack and serve the bundled tiny pair
+#               through two real SGLang servers (plain and DFlash), comparing every answer
+#   make test   the same .venv, then the test suite
 # A second run reuses .venv; the stamp files record what was installed.
 
 PYTHON ?= python3.11
@@ -29,7 +30,7 @@ $(VENV)/.stamp-sglang: $(VENV)/.stamp-base requirements/sglang-0.5.23-lean-cpu.t
 setup: $(VENV)/.stamp-base
 setup-sglang: $(VENV)/.stamp-sglang
 
-demo: $(VENV)/.stamp-base
+demo: $(VENV)/.stamp-sglang
 	$(VENV)/bin/sglang-dflash demo
 
 test: $(VENV)/.stamp-sglang

@@ -5,20 +5,34 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 
 def _add_demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", choices=("torch", "triton"), default="torch",
-                   help="op backend: torch twins, or Triton kernels (CPU: interpreter, slow)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--block-size", type=int, default=None, help="default: the drafter's (16)")
+    p.add_argument("--reference", action="store_true",
+                   help="run the pure-torch reference DFlash loop on the bundled Kimi-shaped pair "
+                        "instead of SGLang servers (no SGLang needed)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="new tokens per prompt (default: 48 served, 64 with --reference)")
+    p.add_argument("--logs", type=Path, default=None,
+                   help="directory for the two servers' logs (default: a new temporary one)")
+    ref = p.add_argument_group("with --reference")
+    ref.add_argument("--backend", choices=("torch", "triton"), default="torch",
+                     help="op backend: torch twins, or Triton kernels (CPU: interpreter, slow)")
+    ref.add_argument("--block-size", type=int, default=None, help="default: the drafter's (16)")
 
 
 def _main_demo(args) -> int:
-    from .reference.demo import run_demo
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise SystemExit("sglang-dflash demo: --max-new-tokens must be >= 1")
+    if args.reference:
+        from .reference.demo import run_demo
 
-    return run_demo(backend=args.backend, max_new_tokens=args.max_new_tokens,
-                    block_size=args.block_size)
+        return run_demo(backend=args.backend, max_new_tokens=args.max_new_tokens or 64,
+                        block_size=args.block_size)
+    from .demo import run_server_demo
+
+    return run_server_demo(max_tokens=args.max_new_tokens or 48, logs=args.logs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="run the bundled tiny pair through the reference DFlash loop "
-                                       "(CPU, about a minute) and check it is lossless")
+    demo = sub.add_parser("demo", help="serve the bundled tiny pair with two real SGLang servers on "
+                                       "CPU (plain and DFlash), compare every answer, report tau "
+                                       "and speeds; --reference: the pure-torch loop")
     _add_demo_args(demo)
     demo.set_defaults(func=_main_demo)
 

@@ -102,7 +102,9 @@ class RequestResult:
     spec_accept_length: float | None = None
     spec_verify_ct: int | None = None
     spec_correct_drafts_histogram: list[int] | None = None
+    finish_reason: str | None = None
     itl_s: list[float] = field(default_factory=list, repr=False)
+    text: str = field(default="", repr=False)  # the streamed output
 
 
 def request_body(item: PromptItem, s: Settings) -> tuple[str, dict]:
@@ -122,6 +124,8 @@ def _apply_chunk(res: RequestResult, chunk: dict, now: float, last: list[float],
         delta = choice if completions else (choice.get("delta") or {})
         text += (delta.get("text" if completions else "content") or "") + \
             (delta.get("reasoning_content") or "")
+        res.finish_reason = choice.get("finish_reason") or res.finish_reason
+    res.text += text
     if text:
         res.chunks += 1
         if res.ttft_s is None:
