@@ -7,12 +7,19 @@ file is an 8-byte little-endian header length, a JSON header, then raw tensor by
 reading it runs no code. Tensor names may carry one ``model.`` prefix; once it is stripped,
 the names and every shape must be exactly those the config implies, or one error lists
 every missing, unexpected and mis-shaped tensor.
+
+Two kinds of extra tensor are known, checked, never loaded, and named in one log line:
+RoPE's ``rotary_emb.inv_freq`` buffers (recomputed from the config), and copies of the
+target's ``embed_tokens`` / ``lm_head`` (the drafter always uses the target's own), whose
+shape must be the target's [vocab, hidden].
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -20,6 +27,8 @@ import torch
 from safetensors import safe_open
 
 from .config import ConfigError, DrafterConfig
+
+logger = logging.getLogger("sglang_dflash")
 
 
 class CheckpointError(ConfigError):
@@ -42,6 +51,10 @@ LOADABLE_DTYPES = ("F32", "F16", "BF16")
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _PREFIX = "model."
+# RoPE's inverse frequencies, a buffer some exporters save (globally or per layer)
+_INV_FREQ = re.compile(r"(?:layers\.(\d+)\.self_attn\.)?rotary_emb\.inv_freq")
+# the target's embedding and output head, which a drafter may ship copies of
+TARGET_COPIES = ("embed_tokens.weight", "lm_head.weight")
 
 
 def _header_entry(path: Path, name: str, info, data_bytes: int) -> tuple[str, tuple[int, ...]]:
@@ -190,14 +203,46 @@ def read_drafter_header(dir_or_file: str | Path) -> dict[str, TensorInfo]:
     return tensors
 
 
-def tensor_problems(tensors: dict[str, TensorInfo], cfg: DrafterConfig, target_hidden: int,
-                    source: str) -> list[str]:
-    """Every missing, unexpected, mis-shaped or non-float tensor, each named with its shape."""
-    expected = expected_drafter_tensors(cfg, target_hidden)
+def ignored_tensors(tensors: dict[str, TensorInfo], cfg: DrafterConfig) -> list[str]:
+    """The names (prefix stripped) of the tensors that carry no drafter weight: RoPE
+    buffers of existing layers and copies of the target's embedding / lm_head."""
+    def ignored(name: str) -> bool:
+        m = _INV_FREQ.fullmatch(name)
+        if m:
+            return m.group(1) is None or int(m.group(1)) < cfg.num_hidden_layers
+        return name in TARGET_COPIES
+    return sorted(filter(ignored, tensors))
+
+
+def _copy_problems(tensors: dict[str, TensorInfo], target_hidden: int,
+                   target_vocab: int | None) -> list[str]:
+    """A shipped embed_tokens / lm_head must have the target's shape [vocab, hidden]: a
+    copy of another shape is from another model (the rows are unchecked without a vocab)."""
     problems = []
+    for name in TARGET_COPIES:
+        info = tensors.get(name)
+        if info is None:
+            continue
+        rows_ok = target_vocab is None or (len(info.shape) == 2 and info.shape[0] == target_vocab)
+        if not rows_ok or len(info.shape) != 2 or info.shape[1] != target_hidden:
+            want = f"[{target_vocab if target_vocab is not None else 'vocab'}, {target_hidden}]"
+            problems.append(f"{info.file}: tensor `{info.key}` has shape {list(info.shape)}, but a "
+                            f"copy of the target's {name.split('.')[0]} must be {want} "
+                            f"(the target's vocab x hidden)")
+    return problems
+
+
+def tensor_problems(tensors: dict[str, TensorInfo], cfg: DrafterConfig, target_hidden: int,
+                    source: str, target_vocab: int | None = None) -> list[str]:
+    """Every missing, unexpected, mis-shaped or non-float tensor, each named with its shape.
+    ``target_vocab`` (else the drafter's own ``vocab_size``) checks shipped target copies."""
+    expected = expected_drafter_tensors(cfg, target_hidden)
+    ignored = ignored_tensors(tensors, cfg)
+    vocab = target_vocab if target_vocab is not None else cfg.vocab_size
+    problems = _copy_problems(tensors, target_hidden, vocab)
     for name in sorted(set(expected) - set(tensors)):
         problems.append(f"{source}: missing tensor `{name}` {list(expected[name])}")
-    for name in sorted(set(tensors) - set(expected)):
+    for name in sorted(set(tensors) - set(expected) - set(ignored)):
         info = tensors[name]
         problems.append(f"{info.file}: unexpected tensor `{info.key}` {list(info.shape)}")
     for name in sorted(set(tensors) & set(expected)):
@@ -211,13 +256,26 @@ def tensor_problems(tensors: dict[str, TensorInfo], cfg: DrafterConfig, target_h
     return problems
 
 
+def describe_ignored(tensors: dict[str, TensorInfo], names: list[str]) -> str:
+    """One line naming the ignored tensors, e.g. `model.lm_head.weight [264, 64], ...`."""
+    return ", ".join(f"`{tensors[n].key}` {list(tensors[n].shape)}" for n in names)
+
+
 def load_drafter_state_dict(dir_or_file: str | Path, cfg: DrafterConfig, target_hidden: int,
-                            dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The drafter's tensors by DESIGN name, checked strictly against ``cfg`` before loading."""
+                            dtype: torch.dtype | None = None,
+                            target_vocab: int | None = None) -> dict[str, torch.Tensor]:
+    """The drafter's tensors by DESIGN name, checked strictly against ``cfg`` before loading;
+    the ignored ones (``ignored_tensors``) are checked, logged, and never read."""
     tensors = read_drafter_header(dir_or_file)
-    problems = tensor_problems(tensors, cfg, target_hidden, str(dir_or_file))
+    problems = tensor_problems(tensors, cfg, target_hidden, str(dir_or_file), target_vocab)
     if problems:
         raise CheckpointError(problems)
+    ignored = ignored_tensors(tensors, cfg)
+    if ignored:
+        logger.info("%s: ignoring %d tensor(s) that are no drafter weights (RoPE buffers, copies "
+                    "of the target's embedding / lm_head): %s", dir_or_file, len(ignored),
+                    describe_ignored(tensors, ignored))
+    tensors = {name: info for name, info in tensors.items() if name not in ignored}
     out = {}
     for file in sorted({info.file for info in tensors.values()}):
         with safe_open(str(file), framework="pt", device="cpu") as f:

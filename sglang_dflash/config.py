@@ -7,13 +7,18 @@ DFlash fields sit at the top level or under ``dflash_config`` (agreeing if both)
 ``num_target_layers`` is the *target's* layer count. Variants that share the architecture
 name but switch behaviour with extra keys are refused by name, never served with wrong
 numerics; unknown top-level keys are ignored, unknown ``dflash_config`` keys refused.
+Fields that transformers' Qwen3 would default (``QWEN3_DEFAULTS``, and ``head_dim``) are
+filled when absent, each with a note naming the field and the value used.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
+
+logger = logging.getLogger("sglang_dflash")
 
 
 class ConfigError(ValueError):
@@ -79,6 +84,9 @@ _VARIANT_GROUPS = {
 _VARIANTS = {key: rule for keys, rule in _VARIANT_GROUPS.items() for key in keys}
 # transformers' Qwen3Config default: with sliding on, layers at index >= this slide
 _QWEN3_MAX_WINDOW_LAYERS = 28
+# transformers' Qwen3Config defaults (rope_theta as its `default_theta`) for fields a
+# drafter config may omit; head_dim has no constant default here (see `_head_dim`)
+QWEN3_DEFAULTS = {"rope_theta": 10000.0, "max_position_embeddings": 32768}
 
 
 def _is_int(v) -> bool:
@@ -101,6 +109,7 @@ class FieldReader:
         self.names = names or {}  # key -> its place in the file, e.g. "dflash_config.x"
         self.problems: list[str] = []
         self.missing: list[str] = []
+        self.notes: list[str] = []  # defaults filled in, for one log line
 
     def name(self, key: str) -> str:
         return self.names.get(key, key)
@@ -129,12 +138,18 @@ class FieldReader:
         v = self.get(key, lambda v: (_is_int(v) or isinstance(v, float)) and v > 0, "a positive number")
         return None if v is None else float(v)
 
+    def default(self, key: str, value, why: str = "the Qwen3 default"):
+        """``value`` for an absent ``key``, with a note saying so."""
+        self.notes.append(f"{self.source}: field `{self.name(key)}` absent; using {value!r} ({why})")
+        return value
+
     def int_list(self, key: str) -> list[int] | None:
         return self.get(key, is_int_list, "a list of integers")
 
     def absorb(self, other: FieldReader) -> None:
         self.problems += other.problems
         self.missing += other.missing
+        self.notes += other.notes
 
     def all_problems(self) -> list[str]:
         missing = [f"{self.source}: missing required field(s): {', '.join(self.missing)}"]
@@ -243,7 +258,10 @@ def _rope(r: FieldReader) -> tuple[float | None, tuple | None]:
         if not isinstance(extra, dict):
             r.problem("rope_scaling", f"expected an object or null, got {extra!r}")
             return None, None
-    theta = theta_reader.float("rope_theta")
+    if theta_reader.present("rope_theta"):
+        theta = theta_reader.float("rope_theta")
+    else:
+        theta = theta_reader.default("rope_theta", QWEN3_DEFAULTS["rope_theta"])
     if theta_reader is not r:
         r.absorb(theta_reader)
     plain = extra.get("rope_type", extra.get("type", "default")) == "default" \
@@ -259,15 +277,52 @@ def _layer_id_problems(ids: tuple[int, ...], target_layers: int | None, where: s
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         problems.append(f"{where}: duplicate layer id(s) {duplicates}")
+    if any(a > b for a, b in zip(ids, ids[1:])):
+        # fc reads the features concatenated in layer order (every target captures them
+        # so), so [7, 3] would feed layer 3's features into the weights trained for 7's
+        problems.append(f"{where}: {list(ids)} must be strictly increasing (fc takes the "
+                        "features concatenated in layer order)")
     if target_layers is not None and any(i >= target_layers for i in ids):
         problems.append(f"{where}: id(s) {[i for i in ids if i >= target_layers]} not below "
                         f"`num_target_layers` {target_layers} (the target's layer count)")
     return problems
 
 
-def parse_drafter(d: dict, source: str) -> tuple[DrafterConfig | None, list[str]]:
-    """(config, every problem of the file): the config is None only when fields are missing
-    or mistyped, so a checker can still compare a flawed drafter with its target."""
+def _mask_id_problems(mask_id: int | None, vocab: int | None, where: str) -> list[str]:
+    if mask_id is None or vocab is None or mask_id < vocab:
+        return []
+    return [f"{where}: {mask_id} outside the drafter's own vocabulary (field `vocab_size` "
+            f"{vocab}, ids 0..{vocab - 1})"]
+
+
+def _head_dim(r: FieldReader, hidden: int | None, heads: int | None) -> int | None:
+    """head_dim, or hidden_size / num_attention_heads when absent: what SGLang's DFlash
+    model and the Qwen3 attention fall back to without the field. (transformers'
+    Qwen3Config itself says 128; either way the checkpoint's q_norm/k_norm shapes must
+    then match, so a wrong default is refused at the weights, never served.)"""
+    if r.present("head_dim"):
+        return r.int("head_dim", minimum=1)
+    if hidden is None or heads is None:
+        # absent, and nothing to derive it from
+        r.missing.append(r.name("head_dim"))
+        return None
+    if hidden % heads:
+        r.problem("head_dim", f"absent, and hidden_size {hidden} is not a multiple of "
+                              f"num_attention_heads {heads}, so there is no default")
+        return None
+    return r.default("head_dim", hidden // heads, f"hidden_size {hidden} / num_attention_heads {heads}")
+
+
+def _max_positions(r: FieldReader) -> int | None:
+    if r.present("max_position_embeddings"):
+        return r.int("max_position_embeddings", minimum=1)
+    return r.default("max_position_embeddings", QWEN3_DEFAULTS["max_position_embeddings"])
+
+
+def parse_drafter(d: dict, source: str) -> tuple[DrafterConfig | None, list[str], list[str]]:
+    """(config, every problem of the file, notes on defaults filled in): the config is None
+    only when fields are missing or mistyped, so a checker can still compare a flawed
+    drafter with its target."""
     r = FieldReader(dict(d), source)
     _merge_dflash(r)
     check_architecture(r, DRAFTER_ARCHITECTURE)
@@ -287,26 +342,31 @@ def parse_drafter(d: dict, source: str) -> tuple[DrafterConfig | None, list[str]
     bias = r.get("attention_bias", lambda v: isinstance(v, bool), "true or false", required=False)
     if r.present("mask_token") and not r.present("mask_token_id"):
         r.problem("mask_token", "a mask token given as text only; set mask_token_id to its id")
+    hidden = r.int("hidden_size", minimum=1)
+    mask_id, vocab = r.int("mask_token_id"), r.int("vocab_size", minimum=1, required=False)
+    r.problems += _mask_id_problems(mask_id, vocab, f"{source}: field `{r.name('mask_token_id')}`")
     cfg = dict(
-        hidden_size=r.int("hidden_size", minimum=1), num_hidden_layers=layers,
+        hidden_size=hidden, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads,
-        head_dim=r.int("head_dim", minimum=1), intermediate_size=r.int("intermediate_size", minimum=1),
+        head_dim=_head_dim(r, hidden, heads), intermediate_size=r.int("intermediate_size", minimum=1),
         rms_norm_eps=r.float("rms_norm_eps"), rope_theta=theta, rope_scaling=scaling,
-        max_position_embeddings=r.int("max_position_embeddings", minimum=1),
+        max_position_embeddings=_max_positions(r),
         attention_bias=bool(bias), block_size=r.int("block_size", minimum=2),
-        mask_token_id=r.int("mask_token_id"), target_layer_ids=None if ids is None else tuple(ids),
-        vocab_size=r.int("vocab_size", minimum=1, required=False), target_num_layers=target_layers,
+        mask_token_id=mask_id, target_layer_ids=None if ids is None else tuple(ids),
+        vocab_size=vocab, target_num_layers=target_layers,
     )
     optional = ("vocab_size", "target_num_layers", "rope_scaling")
     complete = all(v is not None for k, v in cfg.items() if k not in optional)
-    return (DrafterConfig(**cfg) if complete else None), r.all_problems()
+    return (DrafterConfig(**cfg) if complete else None), r.all_problems(), r.notes
 
 
 def drafter_config_from_dict(d: dict, source: str) -> DrafterConfig:
     """Parse a drafter config.json object; ``source`` names the file in every error."""
-    drafter, problems = parse_drafter(d, source)
+    drafter, problems, notes = parse_drafter(d, source)
     if problems:
         raise ConfigError(problems)
+    if notes:
+        logger.info("DFlash drafter config: %s", "; ".join(notes))
     return drafter
 
 
@@ -319,7 +379,8 @@ def drafter_problems(drafter: DrafterConfig, source: str) -> list[str]:
     if drafter.num_attention_heads % drafter.num_key_value_heads:
         problems.append(f"{source}: field `num_key_value_heads`: {drafter.num_key_value_heads} does "
                         f"not divide num_attention_heads {drafter.num_attention_heads}")
-    return problems
+    return problems + _mask_id_problems(drafter.mask_token_id, drafter.vocab_size,
+                                        f"{source}: field `mask_token_id`")
 
 
 def load_drafter_config(path_or_dir: str | Path) -> DrafterConfig:

@@ -285,10 +285,13 @@ class DFlashDrafter(nn.Module):
         return self.norm(h)
 
 
-def load_drafter(path, target_hidden: int, dtype: torch.dtype | None = None) -> DFlashDrafter:
+def load_drafter(path, target_hidden: int, dtype: torch.dtype | None = None,
+                 target_vocab: int | None = None) -> DFlashDrafter:
     """A DFlash drafter from a checkpoint directory, in eval mode: config.json and
-    safetensors only, every tensor name and shape checked (``checkpoint``), no code run."""
+    safetensors only, every tensor name and shape checked (``checkpoint``; copies of the
+    target's embedding / lm_head against ``target_vocab`` when given), no code run."""
     cfg = load_drafter_config(path)
     drafter = DFlashDrafter(cfg)
-    drafter.load_state_dict(load_drafter_state_dict(path, cfg, target_hidden, dtype=dtype), strict=True)
+    state = load_drafter_state_dict(path, cfg, target_hidden, dtype=dtype, target_vocab=target_vocab)
+    drafter.load_state_dict(state, strict=True)
     return drafter.eval()

@@ -1,6 +1,7 @@
 """Strict safetensors loading: header parsing, exact names and shapes, no pickle, no remote code."""
 
 import json
+import logging
 import sys
 
 import pytest
@@ -114,7 +115,7 @@ def test_strict_names_and_shapes_in_one_error(tmp_path):
     tensors = random_tensors(cfg, 64)
     del tensors["layers.1.mlp.up_proj.weight"]
     tensors["layers.0.self_attn.k_proj.weight"] = torch.zeros(16, 64)
-    tensors["lm_head.weight"] = torch.zeros(300, 64)
+    tensors["mtp_head.weight"] = torch.zeros(300, 64)
     tensors["norm.weight"] = tensors["norm.weight"].to(torch.int8)
     ckpt = write_drafter(tmp_path / "ckpt", tiny_drafter(), tensors)
     with pytest.raises(CheckpointError) as info:
@@ -122,9 +123,70 @@ def test_strict_names_and_shapes_in_one_error(tmp_path):
     msg = str(info.value)
     assert "4 problems" in msg, msg
     assert "missing tensor `layers.1.mlp.up_proj.weight` [96, 64]" in msg
-    assert "unexpected tensor `lm_head.weight` [300, 64]" in msg
+    assert "unexpected tensor `mtp_head.weight` [300, 64]" in msg
     assert "`layers.0.self_attn.k_proj.weight` has shape [16, 64], the config implies [32, 64]" in msg
     assert "`norm.weight` is I8" in msg
+
+
+def _ignored_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "ignoring" in r.getMessage()]
+
+
+@pytest.mark.parametrize("prefix", ["", "model."], ids=["plain", "model-prefix"])
+def test_rope_buffers_ignored_with_one_log_line(tmp_path, caplog, prefix):
+    cfg = drafter_cfg()  # 2 layers, head_dim 16
+    tensors = random_tensors(cfg, 64)
+    extra = {"rotary_emb.inv_freq": torch.ones(8), "layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8),
+             "layers.1.self_attn.rotary_emb.inv_freq": torch.ones(8)}
+    ckpt = write_drafter(tmp_path / "ckpt", tiny_drafter(), {**tensors, **extra}, prefix)
+    with caplog.at_level(logging.INFO, logger="sglang_dflash"):
+        state = load_drafter_state_dict(ckpt, cfg, 64)
+    assert sorted(state) == sorted(tensors)
+    [line] = _ignored_lines(caplog)
+    assert f"{ckpt}: ignoring 3 tensor(s)" in line
+    assert all(f"`{prefix}{name}` [8]" in line for name in extra), line
+    # a buffer of a layer the config does not have is an unknown weight, not a RoPE buffer
+    ckpt = write_drafter(tmp_path / "bad", tiny_drafter(),
+                         {**tensors, "layers.2.self_attn.rotary_emb.inv_freq": torch.ones(8)}, prefix)
+    with pytest.raises(CheckpointError, match=rf"unexpected tensor `{prefix}layers\.2\.self_attn\.rotary_emb"):
+        load_drafter_state_dict(ckpt, cfg, 64)
+
+
+def _copies(vocab: int, hidden: int) -> dict:
+    return {"model.embed_tokens.weight": torch.randn(vocab, hidden), "lm_head.weight": torch.randn(vocab, hidden)}
+
+
+def test_target_copies_checked_and_never_used(tmp_path, caplog):
+    from sglang_dflash.drafter import load_drafter
+
+    cfg = drafter_cfg()  # vocab_size 300, hidden 64
+    tensors = random_tensors(cfg, 64)
+    ckpt = write_drafter(tmp_path / "ckpt", tiny_drafter(), {**tensors, **_copies(300, 64)})
+    with caplog.at_level(logging.INFO, logger="sglang_dflash"):
+        state = load_drafter_state_dict(ckpt, cfg, 64, target_vocab=300)
+        drafter = load_drafter(ckpt, 64, target_vocab=300)
+    assert sorted(state) == sorted(tensors)
+    assert not any("embed" in n or "lm_head" in n for n in drafter.state_dict())
+    lines = _ignored_lines(caplog)
+    assert len(lines) == 2 and "`model.embed_tokens.weight` [300, 64], `lm_head.weight` [300, 64]" in lines[0]
+    # the target's vocabulary is one row short of the copies: refused, file and shapes named
+    with pytest.raises(CheckpointError) as info:
+        load_drafter_state_dict(ckpt, cfg, 64, target_vocab=299)
+    msg = str(info.value)
+    assert "2 problems" in msg
+    assert (f"{ckpt / 'model.safetensors'}: tensor `model.embed_tokens.weight` has shape [300, 64], "
+            "but a copy of the target's embed_tokens must be [299, 64]") in msg
+    assert "tensor `lm_head.weight` has shape [300, 64], but a copy of the target's lm_head" in msg
+
+
+@pytest.mark.parametrize("vocab,hidden,target_vocab", [(300, 48, 300), (301, 64, None), (300, 64, 301)],
+                         ids=["hidden", "own-vocab", "target-vocab"])
+def test_target_copy_of_another_shape_refused(tmp_path, vocab, hidden, target_vocab):
+    """Columns must be the target's hidden; rows its vocab, else the drafter's own vocab_size."""
+    cfg = drafter_cfg()
+    ckpt = write_drafter(tmp_path / "ckpt", tiny_drafter(), {**random_tensors(cfg, 64), **_copies(vocab, hidden)})
+    with pytest.raises(CheckpointError, match=rf"`model\.embed_tokens\.weight` has shape \[{vocab}, {hidden}\]"):
+        load_drafter_state_dict(ckpt, cfg, 64, target_vocab=target_vocab)
 
 
 def test_target_hidden_shapes_fc(tmp_path):

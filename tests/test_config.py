@@ -2,11 +2,13 @@
 
 import copy
 import json
+import logging
 from pathlib import Path
 
 import pytest
 
-from sglang_dflash.config import ConfigError, DrafterConfig, drafter_config_from_dict, load_drafter_config
+from sglang_dflash.config import (ConfigError, DrafterConfig, drafter_config_from_dict, load_drafter_config,
+                                  parse_drafter)
 from sglang_dflash.pair import check_pair, validate_pair
 from sglang_dflash.target_config import load_target_config, target_config_from_dict
 
@@ -102,14 +104,42 @@ def test_rope_scaling_kept_hashable():
     assert hash(yarn) == hash(tf5)
 
 
-def test_rope_theta_disagreeing_and_missing():
+def test_rope_theta_disagreeing_refused_and_absent_defaulted():
     d = tiny_drafter()
     d["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e5}
     assert "rope_theta" in problems_of(drafter_config_from_dict, d)
     d = tiny_drafter()
     del d["rope_theta"], d["rope_scaling"]
     d["rope_parameters"] = {"rope_type": "default"}
-    assert "rope_parameters.rope_theta" in problems_of(drafter_config_from_dict, d)
+    cfg, problems, notes = parse_drafter(d, SRC)
+    assert problems == [] and cfg.rope_theta == 10000.0
+    assert notes == [f"{SRC}: field `rope_parameters.rope_theta` absent; using 10000.0 (the Qwen3 default)"]
+
+
+def test_qwen3_defaults_filled_with_one_logged_note(caplog):
+    d = tiny_drafter()
+    del d["rope_theta"], d["max_position_embeddings"], d["head_dim"]
+    d["hidden_size"], d["num_attention_heads"], d["num_key_value_heads"] = 72, 3, 3
+    with caplog.at_level(logging.INFO, logger="sglang_dflash"):
+        cfg = drafter_config_from_dict(d, SRC)
+    assert (cfg.rope_theta, cfg.max_position_embeddings, cfg.head_dim) == (10000.0, 32768, 24)
+    [record] = [r for r in caplog.records if "absent" in r.getMessage()]
+    line = record.getMessage()
+    for needle in (f"{SRC}: field `rope_theta` absent; using 10000.0",
+                   "`max_position_embeddings` absent; using 32768",
+                   "`head_dim` absent; using 24 (hidden_size 72 / num_attention_heads 3)"):
+        assert needle in line, (needle, line)
+    # a config that states them gets no note
+    assert parse_drafter(tiny_drafter(), SRC)[2] == []
+
+
+def test_head_dim_without_a_whole_default_refused():
+    d = tiny_drafter()
+    del d["head_dim"]
+    d["num_attention_heads"], d["num_key_value_heads"] = 5, 5  # 64 / 5 is not whole
+    msg = problems_of(drafter_config_from_dict, d)
+    assert f"{SRC}: field `head_dim`: absent, and hidden_size 64 is not a multiple of " \
+           "num_attention_heads 5" in msg
 
 
 @pytest.mark.parametrize("archs", [["DFlash2DraftModel"], ["Qwen3ForCausalLM"], None,
@@ -186,12 +216,38 @@ def test_bad_values_named(key, value):
 
 
 @pytest.mark.parametrize("ids,expect", [([1, 1, 3], "duplicate"), ([-1, 3], "negative"),
-                                        ([1, 8], "num_target_layers"), ([], "at least one")])
+                                        ([1, 8], "num_target_layers"), ([], "at least one"),
+                                        ([3, 1, 7], "strictly increasing"),
+                                        ([1, 7, 6], "strictly increasing")])
 def test_layer_ids_checked_in_the_drafter_file(ids, expect):
     d = tiny_drafter()
     d["dflash_config"]["target_layer_ids"] = ids
     msg = problems_of(drafter_config_from_dict, d)
-    assert "dflash_config.target_layer_ids" in msg and expect in msg
+    assert f"{SRC}: field `dflash_config.target_layer_ids`" in msg and expect in msg
+
+
+def test_layer_id_bound_at_its_edge():
+    # num_target_layers 8: ids 0..7 are layers, 8 is not
+    d = tiny_drafter()
+    d["dflash_config"]["target_layer_ids"] = [0, 7]
+    assert drafter_config_from_dict(d, SRC).target_layer_ids == (0, 7)
+    d["dflash_config"]["target_layer_ids"] = [0, 8]
+    assert "id(s) [8] not below `num_target_layers` 8" in problems_of(drafter_config_from_dict, d)
+
+
+def test_mask_id_bound_by_the_drafters_own_vocab_at_its_edge():
+    d = tiny_drafter()  # vocab_size 300
+    d["dflash_config"]["mask_token_id"] = 300
+    msg = problems_of(drafter_config_from_dict, d)
+    assert f"{SRC}: field `dflash_config.mask_token_id`: 300 outside the drafter's own " \
+           "vocabulary (field `vocab_size` 300" in msg
+    d["dflash_config"]["mask_token_id"] = 299
+    assert drafter_config_from_dict(d, SRC).mask_token_id == 299
+    # a config built in code goes through the same bound
+    fields = {**drafter_config_from_dict(tiny_drafter(), SRC).__dict__, "mask_token_id": 300}
+    target = target_config_from_dict(dict(tiny_kimi(), vocab_size=301), TSRC)
+    problems = validate_pair(DrafterConfig(**fields), target, SRC, TSRC)
+    assert any("`mask_token_id`: 300 outside the drafter's own" in p for p in problems), problems
 
 
 def test_unreadable_files(tmp_path):
@@ -278,6 +334,41 @@ def test_validate_pair_checks_configs_built_in_code():
     problems = validate_pair(DrafterConfig(**fields), target, SRC, TSRC)
     text = "\n".join(problems)
     assert "duplicate" in text and "negative" in text and "`block_size`" in text
+
+
+def test_pair_layer_bound_at_its_edge():
+    """Without num_target_layers in the drafter file only the pair check knows the depth."""
+    d = tiny_drafter()
+    del d["num_target_layers"]
+    d["dflash_config"]["target_layer_ids"] = [1, 3, 8]
+    drafter = drafter_config_from_dict(d, SRC)
+    target = target_config_from_dict(tiny_kimi(), TSRC)  # 8 layers: 0..7
+    problems = validate_pair(drafter, target, SRC, TSRC)
+    assert len(problems) == 1 and f"{SRC}: field `target_layer_ids`: id(s) [8] are not layers" in problems[0]
+    d["dflash_config"]["target_layer_ids"] = [1, 3, 7]
+    assert validate_pair(drafter_config_from_dict(d, SRC), target, SRC, TSRC) == []
+
+
+def test_mask_id_bound_by_the_target_vocab_at_its_edge():
+    drafter = drafter_config_from_dict({**tiny_drafter(), "vocab_size": None}, SRC)  # mask 299
+    problems = validate_pair(drafter, target_config_from_dict(dict(tiny_kimi(), vocab_size=299), TSRC),
+                             SRC, TSRC)
+    assert len(problems) == 1 and "`mask_token_id` 299 outside the target vocabulary" in problems[0]
+    assert validate_pair(drafter, target_config_from_dict(tiny_kimi(), TSRC), SRC, TSRC) == []
+
+
+@pytest.mark.parametrize("kind", ["kimi", "qwen3"])
+def test_unsorted_layer_ids_refused_for_every_target_kind(kind):
+    """SGLang captures llama/qwen features in loop order, Kimi's in tap order: layer order
+    both ways, so fc would take an unsorted list's features in the wrong order."""
+    fields = {**drafter_config_from_dict(tiny_drafter(), SRC).__dict__, "target_layer_ids": (3, 1, 5)}
+    qwen3 = {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "hidden_size": 64,
+             "num_hidden_layers": 8, "vocab_size": 300, "eos_token_id": 2}
+    target = target_config_from_dict(tiny_kimi() if kind == "kimi" else qwen3, TSRC)
+    problems = validate_pair(DrafterConfig(**fields), target, SRC, TSRC)
+    assert len(problems) == 1 and "[3, 1, 5] must be strictly increasing" in problems[0], problems
+    sorted_ids = {**fields, "target_layer_ids": (1, 3, 5)}
+    assert validate_pair(DrafterConfig(**sorted_ids), target, SRC, TSRC) == []
 
 
 def test_last_layer_refused_for_standard_targets_only():
