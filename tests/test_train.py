@@ -5,9 +5,11 @@ from transformers import AutoTokenizer
 from sglang_dflash.backend import get_ops
 from sglang_dflash.check import run_check
 from sglang_dflash.reference.offline import teacher_forced_commit_lens
+from sglang_dflash.config import load_drafter_config
+from sglang_dflash.reference import tiny_pair
 from sglang_dflash.reference.tiny_pair import BOS, encode, load_tiny_pair
 from sglang_dflash.reference.tiny_qwen3 import DRAFTER_DIR, TARGET_DIR, load_tiny_qwen3_pair
-from sglang_dflash.dev.train import main
+from sglang_dflash.dev.train import DrafterShape, drafter_config, main
 
 
 def test_train_script_writes_a_loadable_pair(tmp_path, capsys):
@@ -56,3 +58,30 @@ def test_bundled_qwen3_pair_passes_check():
     ok, report = run_check(DRAFTER_DIR, TARGET_DIR)
     assert ok, report
     assert_byte_tokenizer(TARGET_DIR)
+
+
+def test_drafter_only_trains_a_given_shape_against_the_bundled_target(tmp_path, capsys):
+    argv = ["--drafter-only", "--drafter-heads", "4", "--drafter-kv-heads", "4",
+            "--drafter-head-dim", "24", "--drafter-steps", "2", "--drafter-seqs", "4",
+            "--target-out", str(tiny_pair.TARGET_DIR)]
+    weights = tiny_pair.TARGET_DIR / "model.safetensors"
+    written = weights.stat().st_mtime_ns
+    assert main(argv + ["--drafter-out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "loaded target" in out and "drafter step 2/2" in out and f"wrote {tmp_path / 'a'}" in out
+    assert weights.stat().st_mtime_ns == written  # the bundled target is read, never rewritten
+    target, drafter = load_tiny_pair(tiny_pair.TARGET_DIR, tmp_path / "a")
+    assert (drafter.cfg.num_key_value_heads, drafter.cfg.head_dim) == (4, 24)
+    ok, report = run_check(tmp_path / "a", tiny_pair.TARGET_DIR)
+    assert ok, report
+    # deterministic: a second run writes the same bytes
+    assert main(argv + ["--drafter-out", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_default_shape_is_the_bundled_drafters_and_the_mha_asset_the_documented_one():
+    for shape, drafter_dir in ((DrafterShape(), tiny_pair.DRAFTER_DIR),
+                               (DrafterShape(heads=4, kv_heads=4, head_dim=24),
+                                tiny_pair.ASSETS / "tiny-dflash-mha")):
+        bundled = load_drafter_config(drafter_dir)
+        assert drafter_config(64, 8, shape=shape) == bundled, drafter_dir

@@ -1,7 +1,8 @@
-"""Make a tiny bundled pair: train a tiny target on a synthetic byte corpus, then train a
+r"""Make a tiny bundled pair: train a tiny target on a synthetic byte corpus, then train a
 DFlash drafter on the target's own greedy continuations.
 
     python -m sglang_dflash.dev.train [--target {kimi,qwen3}] [--target-out DIR] ...
+    python -m sglang_dflash.dev.train --drafter-only [--drafter-heads N ...] --drafter-out DIR
 
 ``kimi`` (the default) is the Kimi-Linear-shaped pair of ``tiny_pair``; ``qwen3`` is a
 stock transformers Qwen3ForCausalLM (``tiny_qwen3``) that SGLang serves as it is. Both go
@@ -15,6 +16,17 @@ cross-entropy through the target's frozen lm_head, weighted towards early positi
 Deterministic for a given seed on one machine; the kimi defaults took about 35 minutes on
 two busy CPU cores (the target steps dominate), the qwen3 defaults about
 12 minutes (one torch thread).
+
+``--drafter-only`` trains just a drafter, of the shape the ``--drafter-*`` options give,
+against the target already in ``--target-out`` (default: the bundled one), e.g. the
+bundled MHA drafter with a head dim that is not a power of two (``tiny-dflash-mha``):
+
+    python -m sglang_dflash.dev.train --drafter-only --drafter-heads 4 --drafter-kv-heads 4 \
+        --drafter-head-dim 24 --drafter-out sglang_dflash/assets/tiny-dflash-mha
+
+(the kimi drafter defaults, 2000 steps on 256 sequences: 8 minutes of wall time, 3 of
+CPU, with one torch thread on two cores shared with other jobs). With the default shape
+it writes the same bytes as the full run's drafter step for the same target and seed.
 """
 
 from __future__ import annotations
@@ -103,6 +115,7 @@ class TargetRecipe:
     """How to build, run and save one kind of target, and its training defaults."""
 
     build: Callable[[], torch.nn.Module]  # fresh weights, drawn from torch's global RNG
+    load: Callable[[Path], torch.nn.Module]  # a saved target, fp32, eval mode
     logits: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]  # ids [B, T] -> [B, T, V]
     # ids [B, P], n -> ids [B, P + n], greedy, running on past EOS
     greedy: Callable[[torch.nn.Module, torch.Tensor, int], torch.Tensor]
@@ -136,6 +149,12 @@ def _hf_greedy(model, ids, n):
     return ids
 
 
+def _load_hf(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
 def _kimi_features(model, ids, layer_ids):
     model.set_capture_layers(layer_ids)
     return model.forward_train(ids)[1]
@@ -151,13 +170,14 @@ def _hf_features(model, ids, layer_ids):
 RECIPES = {
     "kimi": TargetRecipe(
         build=lambda: KimiLinearForCausalLM(tiny_config(vocab_size=VOCAB_SIZE)),
+        load=lambda path: KimiLinearForCausalLM.from_pretrained(path).eval(),
         logits=lambda model, ids: model.forward_train(ids)[0], greedy=_kimi_greedy,
         features=_kimi_features, save=lambda model, out: model.save_pretrained(out),
         target_layer_ids=TARGET_LAYER_IDS, drafter_max_positions=4096,
         target_dir=TARGET_DIR, drafter_dir=DRAFTER_DIR,
         target_steps=150, drafter_steps=2000, drafter_seqs=256),
     "qwen3": TargetRecipe(
-        build=tiny_qwen3.new_target,
+        build=tiny_qwen3.new_target, load=_load_hf,
         logits=lambda model, ids: model(input_ids=ids, use_cache=False).logits,
         greedy=_hf_greedy, features=_hf_features, save=tiny_qwen3.save_target,
         target_layer_ids=tiny_qwen3.TARGET_LAYER_IDS,
@@ -194,13 +214,26 @@ def train_target(recipe: TargetRecipe, steps: int, seed: int, log_every: int = 2
     return model.eval()
 
 
+@dataclass(frozen=True)
+class DrafterShape:
+    """The drafter's own widths; the defaults are the bundled drafters' (GQA 4 q / 2 kv x 16)."""
+
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 16
+    intermediate: int = 128
+
+
 def drafter_config(hidden_size: int, target_num_layers: int,
                    target_layer_ids: tuple[int, ...] = TARGET_LAYER_IDS,
-                   max_position_embeddings: int = 4096) -> DrafterConfig:
-    """The tiny drafter's shape for a target of this hidden size and depth."""
+                   max_position_embeddings: int = 4096,
+                   shape: DrafterShape = DrafterShape()) -> DrafterConfig:
+    """The tiny drafter's config for a target of this hidden size and depth."""
     return DrafterConfig(
-        hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, intermediate_size=128, rms_norm_eps=1e-6,
+        hidden_size=hidden_size, num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim,
+        intermediate_size=shape.intermediate, rms_norm_eps=1e-6,
         rope_theta=10000.0, rope_scaling=None, max_position_embeddings=max_position_embeddings,
         attention_bias=False, block_size=BLOCK, mask_token_id=PAD,
         target_layer_ids=target_layer_ids, vocab_size=VOCAB_SIZE,
@@ -248,7 +281,7 @@ def drafter_loss(drafter, target, ids, features, anchors_per_seq: int, gen) -> t
 
 
 def train_drafter(recipe: TargetRecipe, target, steps: int, seed: int, n_seqs: int = 256,
-                  log_every: int = 50):
+                  log_every: int = 50, shape: DrafterShape = DrafterShape()):
     for p in target.parameters():
         p.requires_grad_(False)
     t0 = time.time()
@@ -257,7 +290,7 @@ def train_drafter(recipe: TargetRecipe, target, steps: int, seed: int, n_seqs: i
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     cfg = drafter_config(target.config.hidden_size, target.config.num_hidden_layers,
-                         recipe.target_layer_ids, recipe.drafter_max_positions)
+                         recipe.target_layer_ids, recipe.drafter_max_positions, shape)
     drafter = DFlashDrafter(cfg)
 
     def loss_fn():
@@ -297,7 +330,7 @@ def _per_target(field: str) -> str:
     return "default: " + ", ".join(f"{k} {getattr(r, field)}" for k, r in RECIPES.items())
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", choices=sorted(RECIPES), default="kimi",
                         help="which tiny target to train (default: kimi)")
@@ -305,24 +338,44 @@ def main(argv: list[str] | None = None) -> int:
                         help="default: the bundled target directory of --target")
     parser.add_argument("--drafter-out", type=Path, default=None,
                         help="default: the bundled drafter directory of --target")
+    parser.add_argument("--drafter-only", action="store_true",
+                        help="train no target: load the one in --target-out and train a drafter for it")
     parser.add_argument("--target-steps", type=int, default=None, help=_per_target("target_steps"))
     parser.add_argument("--drafter-steps", type=int, default=None, help=_per_target("drafter_steps"))
     parser.add_argument("--drafter-seqs", type=int, default=None,
                         help="target-generated sequences the drafter trains on; "
                              + _per_target("drafter_seqs"))
+    default = DrafterShape()
+    for name, help_text in (("layers", "draft layers"), ("heads", "query heads"),
+                            ("kv_heads", "key/value heads"), ("head_dim", "head dim (even)"),
+                            ("intermediate", "MLP width")):
+        parser.add_argument(f"--drafter-{name.replace('_', '-')}", type=int, default=getattr(default, name),
+                            help=f"{help_text} (default: {getattr(default, name)})")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     recipe = RECIPES[args.target]
     target_out = args.target_out or recipe.target_dir
     drafter_out = args.drafter_out or recipe.drafter_dir
+    shape = DrafterShape(args.drafter_layers, args.drafter_heads, args.drafter_kv_heads,
+                         args.drafter_head_dim, args.drafter_intermediate)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    target = train_target(recipe, args.target_steps or recipe.target_steps, args.seed)
-    print(f"target corpus loss {corpus_loss(recipe, target):.3f}", flush=True)
-    recipe.save(target, target_out)
+    t0 = time.time()
+    if args.drafter_only:
+        target = recipe.load(target_out)
+        print(f"loaded target {target_out}: corpus loss {corpus_loss(recipe, target):.3f}", flush=True)
+    else:
+        target = train_target(recipe, args.target_steps or recipe.target_steps, args.seed)
+        print(f"target corpus loss {corpus_loss(recipe, target):.3f}", flush=True)
+        recipe.save(target, target_out)
     drafter = train_drafter(recipe, target, args.drafter_steps or recipe.drafter_steps, args.seed,
-                            n_seqs=args.drafter_seqs or recipe.drafter_seqs)
+                            n_seqs=args.drafter_seqs or recipe.drafter_seqs, shape=shape)
     save_drafter(drafter, drafter_out)
-    print(f"wrote {target_out} and {drafter_out}")
+    written = drafter_out if args.drafter_only else f"{target_out} and {drafter_out}"
+    print(f"wrote {written} ({time.time() - t0:.0f}s)")
     return 0
 
 
