@@ -1,7 +1,8 @@
 """Kernel benchmark: every Triton op against its torch twin, in µs and GB/s, checked first.
 
 On a CUDA device the cases run at Kimi-Linear / DFlash-drafter shapes (vocab 163840,
-hidden 2304, drafter 32 query / 8 KV heads of 128, KDA 32 heads of 128 x 128, block 16,
+hidden 2304, drafter 32 query / 32 KV heads of 72 (the published drafter's geometry as
+inferred from its file size), KDA 32 heads of 128 x 128, block 16,
 batch 1..64, draft contexts 1k and 8k). Without CUDA, or with ``--smoke``, the same code
 runs small irregular shapes as a correctness smoke (under ``TRITON_INTERPRET=1`` on CPU,
 where the timings say nothing about performance; the JSON and the plot say so).
@@ -183,7 +184,7 @@ def _draft_attention_bytes(args) -> int:
 
 
 def _draft_attention_cases(batches, contexts, L, Hq, Hkv, D, dtype) -> list[Case]:
-    return [Case(f"draft_attention B{B} ctx{ctx}", "draft_attention", "draft_attention",
+    return [Case(f"draft_attention B{B} ctx{ctx} H{Hq}/{Hkv}xD{D}", "draft_attention", "draft_attention",
                  _draft_attention_inputs(B, L, Hq, Hkv, D, ctx, dtype), _draft_attention_bytes,
                  ("out",), tol_ratio=1e-2 if dtype != torch.float32 else 1e-5,
                  shape=dict(B=B, ctx=ctx, Hq=Hq, Hkv=Hkv, D=D, dtype=str(dtype)))
@@ -207,7 +208,7 @@ def _draft_kv_inputs(T, Ld, Hkv, D, dtype):
 
 def _draft_kv_cases(batches, L, Ld, Hkv, D, dtype) -> list[Case]:
     # a step commits up to L tokens per request; their K/V enter every draft layer
-    return [Case(f"draft_kv_append B{B}", "draft_kv", "draft_kv_append",
+    return [Case(f"draft_kv_append B{B} H{Hkv}xD{D}", "draft_kv", "draft_kv_append",
                  _draft_kv_inputs(B * L, Ld, Hkv, D, dtype),
                  lambda a: 2 * _size(a[0]) + _size(a[1], a[2], a[3], a[4]),
                  ("k_pool", "v_pool"), mutates=(5, 6),
@@ -260,14 +261,17 @@ def _builders(smoke: bool) -> list[Case]:
                 + _greedy_head_cases((1, 3), 4, 301, 96, torch.float32)
                 + _combine_shards_cases((1, 3), 4, 3, 301)
                 + _draft_attention_cases((2,), (40,), 16, 4, 2, 16, torch.float32)
+                # MHA with a head dim that is not a power of two: the masked-D paths
+                + _draft_attention_cases((2,), (40,), 16, 4, 4, 24, torch.float32)
                 + _draft_kv_cases((2,), 4, 2, 2, 16, torch.float32)
+                + _draft_kv_cases((2,), 4, 2, 4, 24, torch.float32)
                 + _kda_cases((2,), 4, 2, 16, 16, 24, 3, torch.float32))
     batches, bf16 = (1, 8, 32, 64), torch.bfloat16
     return (_accept_cases(batches, 16, 163840)
             + _greedy_head_cases(batches, 16, 163840, 2304, bf16)
             + _combine_shards_cases(batches, 16, 2, 163840)
-            + _draft_attention_cases(batches, (1024, 8192), 16, 32, 8, 128, bf16)
-            + _draft_kv_cases(batches, 16, 5, 8, 128, bf16)
+            + _draft_attention_cases(batches, (1024, 8192), 16, 32, 32, 72, bf16)
+            + _draft_kv_cases(batches, 16, 5, 32, 72, bf16)
             + _kda_cases(batches, 16, 32, 128, 128, 3 * 32 * 128, 3, bf16))
 
 

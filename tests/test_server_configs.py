@@ -22,17 +22,38 @@ TARGET = "moonshotai/Kimi-Linear-48B-A3B-Instruct"
 DRAFTER = "Moonlight556/Kimi-Linear-48B-A3B-DFlash-240k"
 # file -> (tp_size, block size, max running requests); every YAML file must be listed
 EXPECTED = {
-    "kimi-linear-h200-tp1.yaml": (1, 16, 64),
-    "kimi-linear-h100x2-tp2.yaml": (2, 16, 48),
-    "kimi-linear-b200-tp1.yaml": (1, 16, 128),
+    "kimi-linear-h200-tp1.yaml": (1, 16, 48),
+    "kimi-linear-h100x2-tp2.yaml": (2, 16, 32),
+    "kimi-linear-b200-tp1.yaml": (1, 16, 96),
     "kimi-linear-h200-tp1-highconc.yaml": (1, 8, 128),
+}
+# file -> (verify scratch budgeted per request in MiB, average tokens every running
+# request must keep): the design inputs of each header's request cap
+CAP_RULE = {
+    "kimi-linear-h200-tp1.yaml": (30, 8192),
+    "kimi-linear-h100x2-tp2.yaml": (15, 8192),
+    "kimi-linear-b200-tp1.yaml": (30, 8192),
+    "kimi-linear-h200-tp1-highconc.yaml": (15, 2048),
 }
 
 # The per-token and per-request sizes the headers derive, recomputed from the model facts.
 MLA_BYTES = 7 * (512 + 64) * 2             # 7 MLA layers, latent + rope, bf16
-DRAFT_KV_BYTES = 5 * 2 * 8 * 128 * 2       # 5 layers, K and V, 8 heads x 128, bf16
+# 5 layers, K and V, 32 heads x 72 (MHA, inferred from the drafter's 902 MB file), bf16;
+# the plugin holds it whole on every rank
+DRAFT_KV_BYTES = 5 * 2 * 32 * 72 * 2
+DRAFTER_BYTES = 902_487_456
 KDA_MIB = (20 * 32 * 128 * 128 * 4 + 20 * 3 * 4096 * 3 * 2) / 2**20
 WEIGHTS_GIB = 48e9 * 2 / 2**30
+
+
+def token_pool(name: str, fields: dict, requests: int) -> float:
+    """Tokens of KV (target + draft) that fit per GPU with ``requests`` state slots."""
+    text = (CONFIGS / name).read_text()
+    visible = float(re.search(r"([\d.]+) GiB visible", text).group(1))
+    tp, scratch_mib = fields["tp_size"], CAP_RULE[name][0]
+    pool_gib = (fields["mem_fraction_static"] * visible - WEIGHTS_GIB / tp - DRAFTER_BYTES / 2**30
+                - requests * (3 * KDA_MIB / tp + scratch_mib) / 1024)
+    return pool_gib * 2**30 / (MLA_BYTES + DRAFT_KV_BYTES)
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +93,38 @@ def test_header_states_hardware_budget_and_flags(name):
                    "KDA state", f"{MLA_BYTES} B", f"{WEIGHTS_GIB:.1f} GiB"):
         assert needle in header, f"{name}: header lacks {needle!r}"
     tp = EXPECTED[name][0]
-    assert f"{DRAFT_KV_BYTES // tp} B" in header
+    assert "32 heads x 72" in header and f"{DRAFT_KV_BYTES} B" in header
+    assert f"{MLA_BYTES + DRAFT_KV_BYTES} B" in header and "8 heads" not in header
     assert f"{KDA_MIB / tp:.1f} MiB" in header
+    assert "not measured on a GPU" in header or "none is measured on a GPU" in header
     # every flag set in the file is explained in its header (or in the H200 file's)
     keys = re.findall(r"^([a-z][a-z0-9-]*):", text, flags=re.M)
     base = (CONFIGS / "kimi-linear-h200-tp1.yaml").read_text()
     for key in keys:
         assert key in header or key in base[:base.index("\nmodel-path:")], key
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_request_cap_and_token_pool_follow_from_the_arithmetic(checked, name):
+    """The cap is the largest multiple of 16 leaving every running request its average
+    token budget; the header states the token pool that the cap leaves."""
+    f = checked[name]["fields"]
+    cap, per_request = f["max_running_requests"], CAP_RULE[name][1]
+    assert cap % 16 == 0
+    assert token_pool(name, f, cap) / cap >= per_request
+    assert token_pool(name, f, cap + 16) / (cap + 16) < per_request
+    header = (CONFIGS / name).read_text().split("\nmodel-path:")[0]
+    stated = int(re.search(r"54144 B ~ (\d+)k tokens", header).group(1)) * 1000
+    # the header sums rounded GiB terms: within 0.2 GiB of the exact pool
+    assert abs(stated - token_pool(name, f, cap)) < 0.2 * 2**30 / (MLA_BYTES + DRAFT_KV_BYTES)
+    # (sglang's parser accepted the flag in `checked`; its value is read from the file)
+    max_total = serve.read_config(CONFIGS / name).get("max-total-tokens")
+    if f["tp_size"] > 1:
+        # the plugin's draft K/V is whole on every rank: the slots must fit at its full size
+        assert max_total is not None and max_total <= token_pool(name, f, cap)
+    else:
+        # at TP1 sglang plans the draft K/V at exactly what the plugin holds
+        assert max_total is None
 
 
 def test_extra_arguments_win_over_the_file():
@@ -97,7 +143,7 @@ def _variant(tmp_path, old: str, new: str) -> Path:
 
 
 def test_misspelt_flag_is_rejected_by_sglangs_parser(tmp_path):
-    path = _variant(tmp_path, "max-running-requests: 64", "max-runing-requests: 64")
+    path = _variant(tmp_path, "max-running-requests: 48", "max-runing-requests: 48")
     with pytest.raises(ValueError, match=r"variant\.yaml: sglang serve rejected .*runing"):
         serve.check_config(path, [])
 
