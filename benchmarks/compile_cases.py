@@ -3,7 +3,8 @@
 Kimi-Linear + DFlash: vocab 163840 (81920 per rank at TP2), hidden 2304, draft block 16
 and verify widths 2..16, batch 1/8/32/64, the real drafter's attention (32 heads x head
 dim 72, MHA) and the 8-KV-head GQA case (32 x 128), draft context rows up to 32k slots,
-5 draft layers, KDA 32 heads of 128 x 128. bf16 everywhere (no kernel reads fp8 yet).
+5 draft layers, KDA 32 heads of 128 x 128. The draft context table is SGLang's
+``req_to_token``, as wide as the context length plus 20 slots of headroom (4 + block). bf16 everywhere (no kernel reads fp8 yet).
 ``cases("ci")`` is a representative subset: every kernel, both head layouts, both
 vocabulary widths, a small and a large batch.
 """
@@ -69,16 +70,7 @@ def greedy_head_cases(batches, widths, vocabs) -> list[Case]:
 
 
 def draft_attention_cases(batches, widths, heads, table_widths) -> list[Case]:
-    import triton
-
-    from sglang_dflash.kernels.draft_attention import draft_attention_splits
-    from sglang_dflash.kernels.jit_launches import meta_sm_count
-
-    def draft_attention(q, k, v, table, lens, bk, bv, scale):
-        # the launcher's own split rule on a GPU (is_cuda is False on meta tensors)
-        B, S, Hkv = q.shape[0], table.shape[1], k.shape[1]
-        splits = 1 if S < 1024 else max(1, min(triton.cdiv(2 * meta_sm_count.get(), B * Hkv), S // 512, 64))
-        return draft_attention_splits(q, k, v, table, lens, bk, bv, scale, splits, None)
+    from sglang_dflash.kernels.draft_attention import draft_attention
 
     out = []
     for B in batches:
@@ -86,10 +78,11 @@ def draft_attention_cases(batches, widths, heads, table_widths) -> list[Case]:
             for name in heads:
                 Hq, Hkv, D = HEADS[name]
                 for S in table_widths:
+                    # the context rows are SGLang's req_to_token [requests, context + headroom] int32
                     def call(B=B, L=L, Hq=Hq, Hkv=Hkv, D=D, S=S):
                         pool = _empty(LAYERS, 4096, Hkv, D)
-                        draft_attention(_empty(B, L, Hq, D), pool[1], pool[1], _ints(B, S), _ints(B),
-                                        _empty(B, L, Hkv, D), _empty(B, L, Hkv, D), D ** -0.5)
+                        draft_attention(_empty(B, L, Hq, D), pool[1], pool[1], _ints(B + 64, S).int(), _ints(B),
+                                        _ints(B), _empty(B, L, Hkv, D), _empty(B, L, Hkv, D), D ** -0.5)
                     out.append(Case("draft_attention", f"B{B} L{L} {name} S{S} bf16", call))
     return out
 
@@ -129,12 +122,12 @@ def cases(subset: str) -> list[Case]:
     if subset == "ci":
         return (accept_cases((1, 32), (16,), (0,))
                 + greedy_head_cases((1, 32), (16,), (V, V_TP2))
-                + draft_attention_cases((1, 32), (16,), tuple(HEADS), (32768,))
+                + draft_attention_cases((1, 32), (16,), tuple(HEADS), (32788,))
                 + draft_kv_cases((512,), tuple(HEADS))
                 + kda_commit_cases((32,), (16,)))
     batches, widths = (1, 8, 32, 64), (2, 4, 8, 16)
     return (accept_cases(batches, widths, (0, 2))
             + greedy_head_cases(batches, widths, (V, V_TP2))
-            + draft_attention_cases(batches, (8, 16), tuple(HEADS), (512, 4100, 32768))
+            + draft_attention_cases(batches, (8, 16), tuple(HEADS), (532, 4116, 32768, 32788))
             + draft_kv_cases((16, 1024, 8192), tuple(HEADS))
             + kda_commit_cases(batches, (8, 16)))
