@@ -61,14 +61,16 @@ class Binding:
 
 
 @contextlib.contextmanager
-def record_launches(sm_count: int | None = None) -> Iterator[list[Launch]]:
-    """Record every Triton launch made inside the block instead of running it."""
+def record_launches(sm_count: int | None = None, keep=lambda: True) -> Iterator[list[Launch]]:
+    """Record every Triton launch made inside the block (while ``keep()``) instead of
+    running it."""
     launches: list[Launch] = []
     classes = [JITFunction] + ([InterpretedFunction] if InterpretedFunction is not None else [])
     saved = [(cls, cls.__dict__["run"]) for cls in classes]
 
     def run(self, *args, grid, warmup, **kwargs):
-        launches.append(Launch(self, tuple(grid) if not callable(grid) else grid, args, dict(kwargs)))
+        if keep():
+            launches.append(Launch(self, tuple(grid) if not callable(grid) else grid, args, dict(kwargs)))
 
     token = meta_sm_count.set(sm_count)
     try:
@@ -138,3 +140,59 @@ def distinct(launches: list[Launch], target) -> dict[str, tuple[Launch, Binding]
         binding = bind(launch, target)
         out.setdefault(binding.key, (launch, binding))
     return out
+
+
+# aten ops that only allocate: no kernel on a GPU
+_ALLOCATIONS = frozenset({"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided"})
+
+
+def launches_kernel(func) -> bool:
+    """Whether an aten op launches device work: not a pure allocation, not a view or
+    alias (view, slice, t, detach, ...: a new tensor header only)."""
+    schema = func._schema
+    if schema.name.split("::")[-1] in _ALLOCATIONS:
+        return False
+    returns = schema.returns
+    return not (returns and all(r.alias_info is not None and not r.alias_info.is_write for r in returns))
+
+
+class LaunchCount:
+    """Device launches of a block of code: aten ops that launch device work and Triton
+    launches (recorded, not run: use it on meta tensors). ``opaque()`` counts a call as a
+    single launch (a CUDA graph replay)."""
+
+    def __init__(self):
+        self.torch_ops: list[str] = []
+        self.triton: list[Launch] = []
+        self.opaque_calls = 0
+        self._depth = 0
+
+    @contextlib.contextmanager
+    def opaque(self):
+        self.opaque_calls += 1
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+
+    @property
+    def total(self) -> int:
+        return len(self.torch_ops) + len(self.triton) + self.opaque_calls
+
+
+@contextlib.contextmanager
+def count_launches(sm_count: int | None = None) -> Iterator[LaunchCount]:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    count = LaunchCount()
+
+    class _Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if count._depth == 0 and launches_kernel(func):
+                count.torch_ops.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    with record_launches(sm_count, keep=lambda: count._depth == 0) as launches, _Mode():
+        count.triton = launches
+        yield count
