@@ -231,7 +231,8 @@ def test_step_reads_nothing_back_to_host_and_its_launches_are_counted():
     assert [launch.name for launch in eager.triton] == (
         ["_draft_attention_kernel", "_merge_splits_kernel"] * 5 + ["_tile_max_kernel", "_reduce_tiles_kernel"])
     assert eager.total > 40 * 5
-    assert graph.total == 6 and graph.opaque_calls == 1
+    # three input copies, one replay, the output copy (B fills the bucket: no padding to zero)
+    assert graph.total == 5 and graph.opaque_calls == 1
 
     # the same step with a host read fails here, so the check can fail
     with pytest.raises(Exception):

@@ -125,7 +125,8 @@ class DraftRunner:
         if size is None:
             return draft_block(self.parts, bonus, seq_lens, rows)
         inputs, replay = self.buckets[size]
-        inputs[:, B:].zero_()
+        if B < size:
+            inputs[:, B:].zero_()
         inputs[0, :B].copy_(bonus)
         inputs[1, :B].copy_(seq_lens)
         inputs[2, :B].copy_(rows)
