@@ -122,7 +122,7 @@ def cases(subset: str) -> list[Case]:
     if subset == "ci":
         return (accept_cases((1, 32), (16,), (0,))
                 + greedy_head_cases((1, 32), (16,), (V, V_TP2))
-                + draft_attention_cases((1, 32), (16,), tuple(HEADS), (32788,))
+                + draft_attention_cases((1, 64), (16,), tuple(HEADS), (32788,))
                 + draft_kv_cases((512,), tuple(HEADS))
                 + kda_commit_cases((32,), (16,)))
     batches, widths = (1, 8, 32, 64), (2, 4, 8, 16)

@@ -221,7 +221,7 @@ def _launch(q, k_pool, v_pool, slot_table, slot_rows, ctx_lens, block_k, block_v
     G = Hq // Hkv
     BLOCK_M = max(16, triton.next_power_of_2(L * G))
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    BLOCK_N = 64 if BLOCK_M * BLOCK_D <= 64 * 128 else 32
+    BLOCK_N = 64 if BLOCK_M * BLOCK_D <= 4096 else 32
     split = splits > 1
     o_part = q.new_empty((B * Hkv, splits, L * G, D) if split else (1,), dtype=torch.float32)
     lse_part = q.new_empty((B * Hkv, splits, L * G) if split else (1,), dtype=torch.float32)

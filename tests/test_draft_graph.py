@@ -20,6 +20,10 @@ from sglang_dflash.worker.settings import ServerSettings, worker_config
 from sglang_dflash.worker.steps import block_inputs
 from sglang_dflash.worker.warmup import EAGER_BATCH_SIZES, serving_launches
 
+# the small SGLang scheduler loop of test_worker and its module fixtures (SGLang imports
+# happen inside them, so this import is cheap)
+from test_worker import MAX_NEW, MiniScheduler, _tokens, pair, reference, sgl  # noqa: F401, E402
+
 H, L, V, R, C = 64, 8, 300, 6, 64
 
 
@@ -280,6 +284,47 @@ def test_worker_config_takes_the_graph_buckets_and_refuses_graphs_off_cuda():
     assert worker_config(ServerSettings(**base, cuda_graph_bs=(1, 2, 4))).cuda_graph_bs == (1, 2, 4)
     with pytest.raises(ValueError, match="need a CUDA device.*--disable-cuda-graph"):
         worker_config(ServerSettings(**{**base, "device": "cpu"}, cuda_graph_bs=(1, 2)))
+
+
+# ---- the worker in graph mode, inside the small SGLang scheduler loop of test_worker ----
+
+
+def test_worker_in_graph_mode_replays_and_serves_the_reference_tokens(sgl, pair, reference, monkeypatch, caplog):
+    """init_cuda_graphs with SGLang's buckets, capture replaced by a direct call: every
+    decode step replays its bucket and the worker emits the reference tokens."""
+    import dataclasses
+    import logging
+    from types import SimpleNamespace
+
+    import sglang.srt.distributed.parallel_state as parallel_state
+
+    from sglang_dflash.worker import dflash_worker
+
+    replays = []
+
+    def capture_factory(stream):
+        def capture(fn):
+            def replay():
+                replays.append(1)
+                return fn()
+            return replay
+        return capture
+
+    monkeypatch.setattr(dflash_worker, "CudaGraphCapture", capture_factory)
+    monkeypatch.setattr(parallel_state, "graph_capture",
+                        contextlib.contextmanager(lambda: (yield SimpleNamespace(stream=None))))
+    prompts, plain, spec = reference
+    sched = MiniScheduler(sgl, pair, 16)
+    sched.worker.cfg = dataclasses.replace(sched.worker.cfg, cuda_graph_bs=(1, 2, 4))
+    with caplog.at_level(logging.INFO, logger="sglang_dflash"):
+        sched.worker.init_cuda_graphs()
+    assert "DFlash warm-up: nothing to compile (torch ops on cpu)" in caplog.text
+    assert "captured 3 CUDA graphs (batch buckets [1, 2, 4])" in caplog.text
+    reqs = sched.serve(prompts, MAX_NEW)
+    for req, p, s in zip(reqs, plain, spec):
+        assert _tokens(req) == p.tokens
+        assert req.commit_lens[:-1] == s.commit_lens[:-1]
+    assert len(replays) == len(sched.step_accept_lens) > 0
 
 
 # ---- on a GPU ----
