@@ -116,46 +116,78 @@ def problems(c: Compiled, arch: int) -> list[str]:
     return out
 
 
-def run_cases(cases: list[compile_cases.Case], archs: list[int], log: Callable[[str], None]) -> list[dict]:
+def _record(cases, archs, log) -> tuple[list[dict], dict]:
+    """Rows of every launch, bound for its arch, and the distinct bindings to compile."""
     from sglang_dflash.kernels.jit_launches import bind, gpu_target, record_launches
 
-    rows, done = [], {}
+    rows, todo = [], {}
     for arch in archs:
         target = gpu_target(arch)
         for case in cases:
+            base = dict(op=case.op, shape=case.shape, arch=arch)
             try:
                 with record_launches(sm_count=LIMITS[arch]["sms"]) as launches:
                     case.call()
                 if not launches:
                     raise RuntimeError("the launcher made no Triton launch")
             except Exception as e:  # a launcher that fails at a serving shape is a failure of the check
-                rows.append(dict(op=case.op, kernel="-", shape=case.shape, arch=arch, ok=False,
-                                 problems=[f"launcher: {type(e).__name__}: {e}"]))
+                rows.append(dict(base, kernel="-", ok=False, problems=[f"launcher: {type(e).__name__}: {e}"]))
                 log(f"FAIL {case.op} {case.shape} sm_{arch}: launcher {type(e).__name__}: {e}")
                 continue
             for launch in launches:
-                rows.append(_compile_row(case, launch, arch, target, bind, done, log))
-    return rows
+                try:
+                    binding = bind(launch, target)
+                except Exception as e:
+                    rows.append(dict(base, kernel=launch.name, ok=False, problems=[f"bind: {type(e).__name__}: {e}"]))
+                    log(f"FAIL {launch.name} {case.shape} sm_{arch}: bind {type(e).__name__}: {e}")
+                    continue
+                row = dict(base, kernel=launch.name, grid=list(launch.grid), key=binding.key)
+                if (binding.key, arch) not in todo:
+                    todo[(binding.key, arch)] = binding
+                    row["compiled_here"] = True
+                rows.append(row)
+    return rows, todo
 
 
-def _compile_row(case, launch, arch, target, bind, done, log) -> dict:
-    row = dict(op=case.op, kernel=launch.name, shape=case.shape, arch=arch, grid=list(launch.grid))
+_TODO: list = []
+
+
+def _compile_index(i: int):
+    from sglang_dflash.kernels.jit_launches import gpu_target
+
+    (_, arch), binding = _TODO[i]
     try:
-        binding = bind(launch, target)
-        row["key"] = binding.key
-        if (binding.key, arch) not in done:
-            done[(binding.key, arch)] = compile_one(binding, target)
-            row["compiled_here"] = True
-        c = done[(binding.key, arch)]
+        return compile_one(binding, gpu_target(arch))
     except Exception as e:
         msg = str(e).strip().splitlines()
-        row.update(ok=False, problems=[f"compile: {type(e).__name__}: {msg[0] if msg else ''}"])
-        log(f"FAIL {launch.name} {case.shape} sm_{arch}: {row['problems'][0]}")
-        return row
-    row.update(c.__dict__)
-    row["problems"] = problems(c, arch)
-    row["ok"] = not row["problems"]
-    return row
+        return f"compile: {type(e).__name__}: {msg[0] if msg else ''}"
+
+
+def run_cases(cases: list[compile_cases.Case], archs: list[int], log: Callable[[str], None],
+              jobs: int = 1) -> list[dict]:
+    rows, todo = _record(cases, archs, log)
+    _TODO[:] = list(todo.items())
+    if jobs > 1:
+        import multiprocessing
+
+        # forked workers inherit the bindings; each compile runs its own ptxas
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            results = pool.map(_compile_index, range(len(_TODO)))
+    else:
+        results = [_compile_index(i) for i in range(len(_TODO))]
+    compiled = {key: result for (key, _), result in zip(_TODO, results)}
+    for row in rows:
+        if "key" not in row:
+            continue
+        result = compiled[(row["key"], row["arch"])]
+        if isinstance(result, str):
+            row.update(ok=False, problems=[result])
+            log(f"FAIL {row['kernel']} {row['shape']} sm_{row['arch']}: {result}")
+            continue
+        row.update(result.__dict__)
+        row["problems"] = problems(result, row["arch"])
+        row["ok"] = not row["problems"]
+    return rows
 
 
 def format_table(rows: list[dict]) -> str:
@@ -179,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subset", choices=("full", "ci"), default="full")
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 100], choices=sorted(LIMITS))
     parser.add_argument("--only", default="", help="run the cases whose op name contains this text")
+    parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     args = parser.parse_args(argv)
 
     import torch
@@ -190,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="triton-cache-") as cache:
         os.environ["TRITON_CACHE_DIR"] = cache
-        rows = run_cases(cases, args.arch, lambda m: print(m, flush=True))
+        rows = run_cases(cases, args.arch, lambda m: print(m, flush=True), args.jobs)
     seconds = time.perf_counter() - start
     print(format_table(rows))
     ok = all(r["ok"] for r in rows)

@@ -54,7 +54,7 @@ import torch, triton
 assert torch.cuda.is_available(), "no CUDA device"
 print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}")
 PY
-    compile_args=(--subset full)
+    compile_args=(--subset full --jobs 8)
     bench_smoke=(--smoke --only "$only")
     bench_full=(--only "$only")
     step_args=(--batches 1 8 32)

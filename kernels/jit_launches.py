@@ -183,6 +183,8 @@ class LaunchCount:
 
 @contextlib.contextmanager
 def count_launches(sm_count: int | None = None) -> Iterator[LaunchCount]:
+    """Count the device launches of the block: a model of what a GPU would get (a cuBLAS
+    GEMM may launch more than one kernel), exact for Triton launches."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     count = LaunchCount()
