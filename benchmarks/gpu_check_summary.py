@@ -35,7 +35,10 @@ def main(argv: list[str]) -> int:
     import torch
     import triton
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except FileNotFoundError:  # a GPU machine without git: the summary just has no commit
+        commit = ""
     step = _load(out, "draft_step.json")
     summary = {
         "ok": all(rc == 0 for rc in parts.values()), "cpu_smoke": smoke, "exit_codes": parts,

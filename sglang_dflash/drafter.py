@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import load_drafter_state_dict
 from .config import DrafterConfig, load_drafter_config
 from .kernels.naive.draft_attention import draft_attention as _torch_draft_attention
 from .kernels.naive.draft_kv import draft_kv_append as _torch_draft_kv_append
@@ -310,6 +309,10 @@ class DFlashDrafter(nn.Module):
 def load_drafter(path, target_hidden: int, dtype: torch.dtype | None = None) -> DFlashDrafter:
     """A DFlash drafter from a checkpoint directory, in eval mode: config.json and
     safetensors only, every tensor name and shape checked (``checkpoint``), no code run."""
+    # safetensors is needed only where a checkpoint is read (the GPU check builds drafters
+    # on a machine that may not have it)
+    from .checkpoint import load_drafter_state_dict
+
     cfg = load_drafter_config(path)
     drafter = DFlashDrafter(cfg)
     drafter.load_state_dict(load_drafter_state_dict(path, cfg, target_hidden, dtype=dtype), strict=True)
