@@ -166,18 +166,21 @@ def _draft_attention_inputs(B, L, Hq, Hkv, D, ctx, dtype):
         lens = torch.randint(max(1, 3 * ctx // 4), ctx + 1, (B,), device=device)
         lens[0] = ctx
         N = B * ctx + 64
-        slot_table = torch.randperm(N, device=device)[: B * ctx].view(B, ctx).to(torch.int32)
+        # context rows as SGLang's req_to_token: a taller, wider table, rows in any order
+        slot_table = torch.zeros(B + 3, ctx + 20, dtype=torch.int32, device=device)
+        slot_rows = torch.randperm(B + 3, device=device)[:B]
+        slot_table[slot_rows, :ctx] = torch.randperm(N, device=device)[: B * ctx].view(B, ctx).to(torch.int32)
         k_pool = torch.randn(N, Hkv, D, device=device).to(dtype)
         v_pool = torch.randn(N, Hkv, D, device=device).to(dtype)
         q = torch.randn(B, L, Hq, D, device=device).to(dtype)
         block_k = torch.randn(B, L, Hkv, D, device=device).to(dtype)
         block_v = torch.randn(B, L, Hkv, D, device=device).to(dtype)
-        return q, k_pool, v_pool, slot_table, lens, block_k, block_v, D ** -0.5
+        return q, k_pool, v_pool, slot_table, slot_rows, lens, block_k, block_v, D ** -0.5
     return make
 
 
 def _draft_attention_bytes(args) -> int:
-    q, k_pool, _, slot_table, lens, block_k, block_v, _ = args
+    q, k_pool, _, slot_table, _, lens, block_k, block_v, _ = args
     per_token = 2 * k_pool.shape[1] * k_pool.shape[2] * k_pool.element_size()  # K and V rows
     ctx_tokens = int(lens.sum())
     return ctx_tokens * (per_token + slot_table.element_size()) + 2 * _size(q) + _size(block_k, block_v)

@@ -16,8 +16,13 @@ Glossary (one name per concept, used everywhere in the project):
   the bonus); also the number of block positions whose target state is kept.
 - ``bonus [B]``: the last emitted token, ``emitted[b, accept_len[b]]``.
 - ``emitted [B, L]``: the step's new tokens, ``-1`` past ``commit_len``.
+- ``slot_table [R, S]`` / ``slot_rows [B]``: the draft context of request ``b`` is
+  ``slot_table[slot_rows[b], :ctx_lens[b]]`` (in serving, SGLang's ``req_to_token`` and
+  ``req_pool_indices``, so the table's shape never changes between steps).
 
 Kernels import only torch and triton. Under ``TRITON_INTERPRET=1`` they run on CPU
 tensors (slowly); the launchers validate shapes, dtypes and bounds because the
-interpreter never faults on an out-of-bounds access.
+interpreter never faults on an out-of-bounds access. ``jit_launches`` records launches
+on meta tensors and binds them as the JIT does, for ``benchmarks/compile_check.py``
+(real sm_90 / sm_100 compiles on CPU) and the serving warm-up.
 """

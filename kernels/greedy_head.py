@@ -3,7 +3,8 @@
 Pass 1, one program per (row tile, vocabulary tile): ``[BLOCK_M, BLOCK_V]`` logits
 accumulate in fp32 over the hidden dim, and the tile writes its maximum and the lowest
 row id holding it. Programs of one vocabulary tile are launched next to each other, so
-its weight rows are read from HBM about once and served to the other row tiles from L2.
+its weight rows are read from HBM about once and served to the other row tiles from L2;
+``tile_config`` switches to GEMM-sized tiles above 64 rows so that L2 serves them few times.
 Pass 2, one program per row: the first tile holding the row's maximum gives the token.
 Both passes break ties toward the lowest id, so the result equals ``argmax`` of the full
 logits (which returns the first maximum). A caller with vocabulary shards gathers every
@@ -11,7 +12,7 @@ rank's ``(max_logit, token)`` and combines them with ``combine_shards`` (highest
 then lowest id), one program per tile of rows.
 
 Two tiny passes instead of atomics on packed (logit, id) keys: the partials are
-``M x V/128`` fp32 + int32 (about 5 MiB at M = 960, V = 163840), cheap next to the
+``M x V/BLOCK_V`` fp32 + int32 (about 5 MiB at M = 960, V = 163840), cheap next to the
 weight, and the result is deterministic without float-to-int key tricks.
 
 Same tokens as the twin ``sglang_dflash.kernels.naive.greedy_head`` up to fp32 summation
@@ -29,7 +30,6 @@ from .naive.greedy_head import check_combine_shards_args, check_greedy_head_args
 
 __all__ = ["greedy_head", "combine_shards"]
 
-_BLOCK_V = 128
 _BLOCK_K = 64
 
 
@@ -107,6 +107,25 @@ def _check_layout(hidden: torch.Tensor, weight: torch.Tensor) -> None:
                          f"got {weight.shape[0]}")
 
 
+def tile_config(M: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_V, num_warps) of pass 1 for M hidden rows.
+
+    Pass 1 is a GEMM [M, H] x [H, V]; each tile reads a [BLOCK_M, H] slice of the hidden
+    rows and a [BLOCK_V, H] slice of the lm_head, so on-chip (L2 -> SM) traffic is
+    ``2 H M' V (1 / BLOCK_V + 1 / BLOCK_M)`` bytes in bf16 (M' = M rounded up to row
+    tiles), and the lm_head passes through L2 once per row tile; HBM reads it once,
+    since the row tiles of one vocabulary tile run side by side. Up to 64 rows one
+    small row tile holds them all. Above that the kernel switches to a GEMM-sized
+    256 x 128 tile on 8 warps (the largest without spills on sm_90 and sm_100, see
+    benchmarks/compile_check.py): at V = 163840, H = 2304 and block 16, B = 32 / 64
+    (M = 480 / 960) move 4.5 / 9.1 GB on chip with the lm_head passing L2 2 / 4 times,
+    instead of 9.1 / 17.0 GB and 8 / 15 times with 64 x 128 tiles.
+    """
+    if M > 64:
+        return 256, 128, 8
+    return max(16, triton.next_power_of_2(M)), 128, 4
+
+
 def greedy_head(
     hidden: torch.Tensor,  # [M, H] any float dtype
     weight: torch.Tensor,  # [V_shard, H] lm_head rows of this shard
@@ -119,16 +138,16 @@ def greedy_head(
     token = torch.empty(M, dtype=torch.int64, device=hidden.device)
     if M == 0:
         return max_logit, token
-    NT = triton.cdiv(V, _BLOCK_V)
+    BLOCK_M, BLOCK_V, num_warps = tile_config(M)
+    NT = triton.cdiv(V, BLOCK_V)
     part_max = torch.empty(M, NT, dtype=torch.float32, device=hidden.device)
     part_id = torch.empty(M, NT, dtype=torch.int32, device=hidden.device)
-    BLOCK_M = min(64, max(16, triton.next_power_of_2(M)))
     # the interpreter has no bf16 arithmetic, and fp32 or mixed inputs need IEEE fp32 dots
     upcast = hidden.device.type == "cpu" or hidden.dtype != weight.dtype or hidden.dtype == torch.float32
     _tile_max_kernel[(triton.cdiv(M, BLOCK_M), NT)](
         hidden, weight, part_max, part_id, M, V, H, NT, hidden.stride(0), weight.stride(0),
-        BLOCK_M=BLOCK_M, BLOCK_V=_BLOCK_V, BLOCK_K=_BLOCK_K, UPCAST=upcast,
-        num_warps=4, num_stages=3,
+        BLOCK_M=BLOCK_M, BLOCK_V=BLOCK_V, BLOCK_K=_BLOCK_K, UPCAST=upcast,
+        num_warps=num_warps, num_stages=3,
     )
     _reduce_tiles_kernel[(M,)](
         part_max, part_id, max_logit, token, NT, vocab_offset,

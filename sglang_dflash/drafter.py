@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import load_drafter_state_dict
 from .config import DrafterConfig, load_drafter_config
 from .kernels.naive.draft_attention import draft_attention as _torch_draft_attention
 from .kernels.naive.draft_kv import draft_kv_append as _torch_draft_kv_append
@@ -104,7 +103,8 @@ class DraftAttention(nn.Module):
                 sin: torch.Tensor,         # [B, L, D/2] fp32
                 k_ctx: torch.Tensor,       # [N, Hkv, D] this layer's context keys
                 v_ctx: torch.Tensor,       # [N, Hkv, D]
-                slot_table: torch.Tensor,  # [B, S]
+                slot_table: torch.Tensor,  # [R, S]
+                slot_rows: torch.Tensor,   # [B] the table row of each request
                 ctx_lens: torch.Tensor,    # [B]
                 attention: Callable,       # the draft_attention op
                 ) -> torch.Tensor:         # [B, L, H]
@@ -113,7 +113,7 @@ class DraftAttention(nn.Module):
         q = norm_rope(self.q_proj(x).view(B, L, self.num_heads, D), self.q_norm.weight, cos, sin, self.eps)
         k = norm_rope(self.k_proj(x).view(B, L, self.num_kv_heads, D), self.k_norm.weight, cos, sin, self.eps)
         v = self.v_proj(x).view(B, L, self.num_kv_heads, D)
-        o = attention(q.to(x.dtype), k_ctx, v_ctx, slot_table, ctx_lens, k.to(x.dtype), v, D ** -0.5)
+        o = attention(q.to(x.dtype), k_ctx, v_ctx, slot_table, slot_rows, ctx_lens, k.to(x.dtype), v, D ** -0.5)
         return self.o_proj(o.reshape(B, L, self.num_heads * D))
 
 
@@ -137,9 +137,9 @@ class DraftLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = DraftMLP(cfg)
 
-    def forward(self, h, cos, sin, k_ctx, v_ctx, slot_table, ctx_lens, attention: Callable):
+    def forward(self, h, cos, sin, k_ctx, v_ctx, slot_table, slot_rows, ctx_lens, attention: Callable):
         """h [B, L, H] -> [B, L, H]; the other arguments as for ``DraftAttention``."""
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, k_ctx, v_ctx, slot_table,
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, k_ctx, v_ctx, slot_table, slot_rows,
                                ctx_lens, attention)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -264,7 +264,7 @@ class DFlashDrafter(nn.Module):
                       block_embeds: torch.Tensor,     # [B, L, H] target embeddings of [last, MASK x L-1]
                       block_positions: torch.Tensor,  # [B, L] int64
                       slot_table: torch.Tensor,       # [B, S] int32/int64: slot of context position t
-                      ctx_lens: torch.Tensor,         # [B] int: context tokens per request (may be 0)
+                      ctx_lens: torch.Tensor,         # [B] int: context tokens per request (may be 0), <= S
                       ) -> torch.Tensor:              # [B, L, H] after the final norm
         """One drafter forward over a ragged batch of blocks; request b's context is
         ``slot_table[b, :ctx_lens[b]]``."""
@@ -279,10 +279,31 @@ class DFlashDrafter(nn.Module):
                              f"[{B}, {L}] int32/int64, got {tuple(block_positions.shape)} "
                              f"{block_positions.dtype}")
         cos, sin = self.rope(block_positions)  # [B, L, D/2]
+        rows = torch.arange(B, device=slot_table.device)
+        return self.forward_layers(pool, block_embeds, cos, sin, slot_table, rows, ctx_lens)
+
+    def forward_layers(self, pool: DraftKVPool,
+                       block_embeds: torch.Tensor,  # [B, L, H]
+                       cos: torch.Tensor,           # [B, L, D/2] fp32 RoPE at the block positions
+                       sin: torch.Tensor,           # [B, L, D/2] fp32
+                       slot_table: torch.Tensor,    # [R, S]: slot of context position t at column t
+                       slot_rows: torch.Tensor,     # [B]: the table row of each request
+                       ctx_lens: torch.Tensor,      # [B]
+                       ) -> torch.Tensor:           # [B, L, H] after the final norm
+        """The layers of ``forward_block`` over rows of a shared table (SGLang's
+        ``req_to_token``): no host reads, shapes independent of the context lengths."""
         h = block_embeds.to(self.fc.weight.dtype)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, pool.k[i], pool.v[i], slot_table, ctx_lens, self.ops.draft_attention)
+            h = layer(h, cos, sin, pool.k[i], pool.v[i], slot_table, slot_rows, ctx_lens, self.ops.draft_attention)
         return self.norm(h)
+
+    def prepare(self, device: torch.device) -> None:
+        """Build what the forward would otherwise build on first use, before serving (and
+        before any CUDA graph capture, which must not record one-time set-up): the RoPE
+        frequencies on ``device`` and the stacked context weights."""
+        self.rope(torch.zeros(1, dtype=torch.int64, device=device))
+        with torch.no_grad():
+            self._context_weights()
 
 
 def load_drafter(path, target_hidden: int, dtype: torch.dtype | None = None,
@@ -290,6 +311,10 @@ def load_drafter(path, target_hidden: int, dtype: torch.dtype | None = None,
     """A DFlash drafter from a checkpoint directory, in eval mode: config.json and
     safetensors only, every tensor name and shape checked (``checkpoint``; copies of the
     target's embedding / lm_head against ``target_vocab`` when given), no code run."""
+    # safetensors is needed only where a checkpoint is read (the GPU check builds drafters
+    # on a machine that may not have it)
+    from .checkpoint import load_drafter_state_dict
+
     cfg = load_drafter_config(path)
     drafter = DFlashDrafter(cfg)
     state = load_drafter_state_dict(path, cfg, target_hidden, dtype=dtype, target_vocab=target_vocab)

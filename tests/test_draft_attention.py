@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from helpers import assert_close
-from sglang_dflash.kernels.draft_attention import draft_attention, draft_attention_splits
+from sglang_dflash.kernels.draft_attention import _launch, draft_attention, draft_attention_splits, num_splits
 from sglang_dflash.kernels.naive.draft_attention import draft_attention as draft_attention_ref
 
 # (B, L, Hq, Hkv, D, dtype, ctx_lens): ragged contexts in one batch, including 0 and 300
@@ -25,22 +25,24 @@ def _case_id(case):
     return f"B{B}-L{L}-Hq{Hq}-Hkv{Hkv}-D{D}-{str(dtype)[6:]}-ctx{max(lens)}"
 
 
-def _inputs(B, L, Hq, Hkv, D, dtype, lens, seed=0):
+def _inputs(B, L, Hq, Hkv, D, dtype, lens, seed=0, width=None):
     """Inputs whose pool holds NaN everywhere the batch must not read: the context slots
-    are scattered through a larger pool, and slot_table columns past ctx_lens point out of
-    range (-1 and N + 7), so a read of either would show in the output."""
+    are scattered through a larger pool, each request's context is a row of a taller
+    table (rows in shuffled order, two rows nobody reads), and columns past ctx_lens point
+    out of range (-1 and N + 7), so a read of either would show in the output."""
     gen = torch.Generator().manual_seed(seed)
-    S = max(max(lens), 1)
+    S = width or max(max(lens), 1)
     N = sum(lens) + 50
     order = torch.randperm(N, generator=gen)
     k_pool = torch.full((N, Hkv, D), float("nan"), dtype=dtype)
     v_pool = torch.full((N, Hkv, D), float("nan"), dtype=dtype)
-    slot_table = torch.where(torch.rand(B, S, generator=gen) < 0.5, -1, N + 7)
+    slot_table = torch.where(torch.rand(B + 2, S, generator=gen) < 0.5, -1, N + 7)
+    slot_rows = torch.randperm(B + 2, generator=gen)[:B]
     used = 0
     for b, n in enumerate(lens):
         slots = order[used: used + n]
         used += n
-        slot_table[b, :n] = slots
+        slot_table[slot_rows[b], :n] = slots
         k_pool[slots] = torch.randn(n, Hkv, D, generator=gen).to(dtype)
         v_pool[slots] = torch.randn(n, Hkv, D, generator=gen).to(dtype)
     q = torch.randn(B, L, Hq, D, generator=gen).to(dtype)
@@ -48,16 +50,17 @@ def _inputs(B, L, Hq, Hkv, D, dtype, lens, seed=0):
     block_v = torch.randn(B, L, Hkv, D, generator=gen).to(dtype)
     ctx_lens = torch.tensor(lens, dtype=torch.int32 if B == 7 else torch.int64)
     slot_table = slot_table.to(torch.int32 if B == 3 else torch.int64)
-    return q, k_pool, v_pool, slot_table, ctx_lens, block_k, block_v
+    slot_rows = slot_rows.to(torch.int32 if B == 1 else torch.int64)
+    return q, k_pool, v_pool, slot_table, slot_rows, ctx_lens, block_k, block_v
 
 
-def _dense(q, k_pool, v_pool, slot_table, ctx_lens, block_k, block_v, scale):
+def _dense(q, k_pool, v_pool, slot_table, slot_rows, ctx_lens, block_k, block_v, scale):
     """Per request and per query head: concat context and block keys, plain softmax, fp64."""
     B, L, Hq, D = q.shape
     G = Hq // k_pool.shape[1]
     out = torch.empty(B, L, Hq, D, dtype=torch.float64)
     for b in range(B):
-        slots = slot_table[b, : int(ctx_lens[b])].long()
+        slots = slot_table[int(slot_rows[b]), : int(ctx_lens[b])].long()
         keys = torch.cat([k_pool[slots], block_k[b]]).double()  # [n + L, Hkv, D]
         values = torch.cat([v_pool[slots], block_v[b]]).double()
         for h in range(Hq):
@@ -89,42 +92,79 @@ def test_kernel_matches_twin(case):
     assert torch.equal(draft_attention(*args, scale), out)
 
 
-@pytest.mark.parametrize("num_splits", [2, 5, 12], ids=lambda n: f"splits{n}")
-def test_split_context_merges_to_twin(num_splits):
-    # 12 splits of 300 context columns leave trailing splits empty for the short requests
+@pytest.mark.parametrize("splits", [2, 5, 12], ids=lambda n: f"splits{n}")
+@pytest.mark.parametrize("width", [None, 1000], ids=["table300", "table1000"])
+def test_split_context_merges_to_twin(splits, width):
+    # each request's context is cut into `splits` chunks on the device: 12 splits of 45
+    # columns leave trailing splits empty, and a table wider than every context changes nothing
     case = (3, 16, 4, 2, 32, torch.float32, [300, 0, 45])
-    args = _inputs(*case, seed=num_splits)
+    args = _inputs(*case, seed=splits, width=width)
     ref = draft_attention_ref(*args, 0.3)
-    out = draft_attention_splits(*args, 0.3, num_splits, torch.full_like(args[0], float("nan")))
-    assert_close(f"splits={num_splits}", ref, out, 1e-5)
+    out = draft_attention_splits(*args, 0.3, splits, torch.full_like(args[0], float("nan")))
+    assert_close(f"splits={splits}", ref, out, 1e-5)
+
+
+def test_twin_folds_a_table_wider_than_its_chunk():
+    # contexts across the twin's 4096-column chunk boundary
+    args = _inputs(2, 4, 4, 2, 16, torch.float32, [4500, 100], width=5000)
+    assert_close("twin", _dense(*args, 0.25), draft_attention_ref(*args, 0.25), 1e-6)
+
+
+def test_context_length_past_the_row_is_cut_on_the_device():
+    """On a GPU the launcher cannot check ctx_lens against the table width (that would be a
+    device sync): a length past the row must not read the next row's slots."""
+    q, k_pool, v_pool, slot_table, slot_rows, ctx_lens, block_k, block_v = _inputs(
+        3, 16, 4, 2, 16, torch.float32, [40, 7, 40])
+    # the row after each request's row points at NaN slots of the pool
+    S = slot_table.shape[1]
+    poison = torch.isnan(k_pool[:, 0, 0]).nonzero()[:, 0][:S]
+    table = slot_table.repeat_interleave(2, dim=0)
+    table[1::2] = poison.to(table.dtype)
+    rows = slot_rows * 2
+    long_lens = torch.tensor([S + 20, 7, 2 * S], dtype=ctx_lens.dtype)
+    out = torch.full_like(q, float("nan"))
+    _launch(q, k_pool, v_pool, table[:, :S], rows, long_lens, block_k, block_v, 0.3, 3, out)
+    ref = draft_attention_ref(q, k_pool, v_pool, slot_table, slot_rows, long_lens.clamp(max=S), block_k,
+                              block_v, 0.3)
+    assert_close("clamped", ref, out, 1e-5)
+
+
+def test_split_count_depends_on_shapes_only():
+    # two waves of programs on the GPU, at most one split per 512 table columns, none on CPU
+    assert num_splits(1, 8, 32768, 132) == 33 and num_splits(1, 32, 32768, 132) == 9
+    assert num_splits(8, 32, 32768, 132) == 2 and num_splits(32, 8, 32768, 132) == 2
+    assert num_splits(64, 32, 32768, 132) == 1 and num_splits(1, 8, 1000, 132) == 1
+    assert num_splits(1, 8, 4100, 132) == 8 and num_splits(1, 8, 32768, None) == 1
 
 
 def test_strided_query_and_pool():
     """q as a slice of a wider projection, pools as one layer of a [Ld, N, Hkv, D] pool."""
-    q, k_pool, v_pool, slot_table, ctx_lens, block_k, block_v = _inputs(3, 16, 4, 2, 16, torch.float32,
-                                                                        [20, 0, 9])
+    q, k_pool, v_pool, slot_table, slot_rows, ctx_lens, block_k, block_v = _inputs(
+        3, 16, 4, 2, 16, torch.float32, [20, 0, 9])
     wide = torch.randn(3, 16, 6, 16)
     wide[:, :, 1:5] = q
     layers_k = torch.stack([torch.randn_like(k_pool), k_pool])
     layers_v = torch.stack([torch.randn_like(v_pool), v_pool])
-    args = (wide[:, :, 1:5], layers_k[1], layers_v[1], slot_table, ctx_lens, block_k, block_v, 0.25)
+    args = (wide[:, :, 1:5], layers_k[1], layers_v[1], slot_table, slot_rows, ctx_lens, block_k, block_v, 0.25)
     ref = draft_attention_ref(*args)
     assert_close("strided", ref, draft_attention(*args), 1e-5)
 
 
 @pytest.mark.parametrize("op", [draft_attention_ref, draft_attention], ids=["twin", "kernel"])
 def test_bad_inputs_name_the_argument(op):
-    q, k_pool, v_pool, slot_table, ctx_lens, block_k, block_v = _inputs(3, 4, 4, 2, 16, torch.float32,
-                                                                        [3, 0, 5])
+    q, k_pool, v_pool, slot_table, slot_rows, ctx_lens, block_k, block_v = _inputs(
+        3, 4, 4, 2, 16, torch.float32, [3, 0, 5])
     with pytest.raises(ValueError, match="`k_pool`"):
-        op(q, k_pool[:, :, :8], v_pool, slot_table, ctx_lens, block_k, block_v, 0.25)
+        op(q, k_pool[:, :, :8], v_pool, slot_table, slot_rows, ctx_lens, block_k, block_v, 0.25)
     with pytest.raises(ValueError, match="`block_v`"):
-        op(q, k_pool, v_pool, slot_table, ctx_lens, block_k, block_v[:, :2], 0.25)
+        op(q, k_pool, v_pool, slot_table, slot_rows, ctx_lens, block_k, block_v[:, :2], 0.25)
     with pytest.raises(ValueError, match="`ctx_lens`"):
-        op(q, k_pool, v_pool, slot_table, torch.tensor([3, 0, 6]), block_k, block_v, 0.25)
+        op(q, k_pool, v_pool, slot_table, slot_rows, torch.tensor([3, 0, 6]), block_k, block_v, 0.25)
+    with pytest.raises(ValueError, match="`slot_rows`"):
+        op(q, k_pool, v_pool, slot_table, torch.tensor([0, 1, 5]), ctx_lens, block_k, block_v, 0.25)
     bad_slots = slot_table.clone()
-    bad_slots[2, 4] = k_pool.shape[0]
+    bad_slots[slot_rows[2], 4] = k_pool.shape[0]
     with pytest.raises(ValueError, match="`slot_table`"):
-        op(q, k_pool, v_pool, bad_slots, ctx_lens, block_k, block_v, 0.25)
+        op(q, k_pool, v_pool, bad_slots, slot_rows, ctx_lens, block_k, block_v, 0.25)
     with pytest.raises(ValueError, match="`slot_table`"):
-        op(q, k_pool, v_pool, slot_table.float(), ctx_lens, block_k, block_v, 0.25)
+        op(q, k_pool, v_pool, slot_table.float(), slot_rows, ctx_lens, block_k, block_v, 0.25)

@@ -12,7 +12,7 @@ from sglang_dflash.kernels.naive import greedy_head as twin
 OPS = {"twin": twin.greedy_head, "kernel": kernel.greedy_head}
 COMBINE = {"twin": twin.combine_shards, "kernel": kernel.combine_shards}
 # (M, V, H, dtype): every M, V (one not a multiple of the 128-row tile) and H of the
-# spec appears, each dtype with several of them
+# spec appears, each dtype with several of them; M 70 and 300 take the large tiles
 CASES = [
     (1, 264, 64, torch.float32),
     (5, 1000, 96, torch.bfloat16),
@@ -20,6 +20,9 @@ CASES = [
     (5, 4099, 96, torch.bfloat16),
     (33, 264, 96, torch.bfloat16),
     (1, 1000, 96, torch.float32),
+    # above 64 rows: the GEMM-sized 256 x 128 tile, with a partial row tile
+    (70, 4099, 64, torch.bfloat16),
+    (300, 1000, 96, torch.float32),
 ]
 IDS = [f"M{M}-V{V}-H{H}-{str(dt).split('.')[-1]}" for M, V, H, dt in CASES]
 

@@ -69,7 +69,7 @@ def _pick(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) ->
         return int(logits.argmax())
     u = torch.rand((1,), generator=gen)
     # the inverse CDF the sampled verify uses, with no token removed
-    probs = probs_from_logits(logits, params)[None]
+    probs = probs_from_logits(logits.cpu(), params)[None]
     return int(inverse_cdf_fixed_point(probs, torch.tensor([-1]), u)[0])
 
 
@@ -122,12 +122,12 @@ def draft_block(target, drafter, ops: Ops, pool, last: torch.Tensor, start: torc
     last [B] last committed tokens, start [B] their positions (= context lengths),
     slot_base [B] where each request's position 0 lives in the draft pool.
     """
-    B = last.shape[0]
-    block = torch.full((B, L), drafter.cfg.mask_token_id, dtype=torch.long)
+    B, device = last.shape[0], last.device
+    block = torch.full((B, L), drafter.cfg.mask_token_id, dtype=torch.long, device=device)
     block[:, 0] = last
-    positions = start[:, None] + torch.arange(L)[None, :]  # [B, L]
+    positions = start[:, None] + torch.arange(L, device=device)[None, :]  # [B, L]
     # context = positions 0..s-1; request b's position t lives in slot slot_base[b] + t
-    cols = torch.arange(max(int(start.max()), 1))[None, :]
+    cols = torch.arange(max(int(start.max()), 1), device=device)[None, :]
     slot_table = torch.where(cols < start[:, None], slot_base[:, None] + cols, 0)  # [B, S]
     embeds = target.model.embed_tokens(block)  # [B, L, H]
     hidden = drafter.forward_block(pool, embeds, positions, slot_table, start)
@@ -137,12 +137,12 @@ def draft_block(target, drafter, ops: Ops, pool, last: torch.Tensor, start: torc
 
 def _accept(ops: Ops, reqs, candidates, logits, gen):
     """accept_len [B], emitted [B, L]; greedy and sampled rows go to their own kernels."""
-    B, L = candidates.shape
-    accept_len = torch.empty(B, dtype=torch.long)
-    emitted = torch.empty(B, L, dtype=torch.long)
-    remaining = torch.tensor([r.remaining for r in reqs], dtype=torch.long)
-    stops = _stop_table(reqs)
-    greedy = torch.tensor([r.params.greedy for r in reqs])
+    (B, L), device = candidates.shape, candidates.device
+    accept_len = torch.empty(B, dtype=torch.long, device=device)
+    emitted = torch.empty(B, L, dtype=torch.long, device=device)
+    remaining = torch.tensor([r.remaining for r in reqs], dtype=torch.long, device=device)
+    stops = _stop_table(reqs).to(device)
+    greedy = torch.tensor([r.params.greedy for r in reqs], device=device)
     for rows in (greedy.nonzero().flatten(), (~greedy).nonzero().flatten()):
         if rows.numel() == 0:
             continue
@@ -151,8 +151,9 @@ def _accept(ops: Ops, reqs, candidates, logits, gen):
             a, e, _ = ops.accept_greedy(candidates[rows], target_predict, remaining[rows], stops[rows])
         else:
             probs = torch.stack([probs_from_logits(logits[b], reqs[b].params) for b in rows.tolist()])
-            u_accept = torch.rand(len(rows), L, generator=gen)
-            u_sample = torch.rand(len(rows), generator=gen)
+            # uniforms from the CPU generator: the same draws on every device
+            u_accept = torch.rand(len(rows), L, generator=gen).to(device)
+            u_sample = torch.rand(len(rows), generator=gen).to(device)
             a, e, _ = ops.accept_sampled(candidates[rows], probs, u_accept, u_sample,
                                          remaining[rows], stops[rows])
         accept_len[rows], emitted[rows] = a, e
@@ -172,21 +173,22 @@ def generate_dflash(target, drafter, prompts: list[list[int]], params: list[Samp
     spans = [len(pr) + p.max_new_tokens + L for pr, p in zip(prompts, params, strict=True)]
     pool = drafter.new_pool(sum(spans))
     bases = [sum(spans[:i]) for i in range(len(spans))]
+    device = pool.k.device
 
     reqs = []
     for prompt, p, base in zip(prompts, params, bases):
         req = _Request(RequestResult(list(prompt)), p, p.stop_ids(eos), target.new_state(), base)
         features = _prefill(target, req, gen)
-        positions = torch.arange(len(prompt))
+        positions = torch.arange(len(prompt), device=device)
         drafter.append_context(pool, features, positions, base + positions)
         reqs.append(req)
 
     while active := [r for r in reqs if not r.result.finish_reason]:
         candidates = draft_block(
             target, drafter, ops, pool,
-            last=torch.tensor([r.result.tokens[-1] for r in active]),
-            start=torch.tensor([r.last_position for r in active]),
-            slot_base=torch.tensor([r.slot_base for r in active]), L=L,
+            last=torch.tensor([r.result.tokens[-1] for r in active], device=device),
+            start=torch.tensor([r.last_position for r in active], device=device),
+            slot_base=torch.tensor([r.slot_base for r in active], device=device), L=L,
         )
         verified = [target.extend(r.state, candidates[b]) for b, r in enumerate(active)]
         logits = torch.stack([v.logits for v in verified])  # [B, L, V]
@@ -195,7 +197,7 @@ def generate_dflash(target, drafter, prompts: list[list[int]], params: list[Samp
             commit_len = int(accept_len[b]) + 1
             start = req.last_position
             target.commit(req.state, out.record, commit_len)
-            positions = start + torch.arange(commit_len)
+            positions = start + torch.arange(commit_len, device=device)
             drafter.append_context(pool, out.features[:commit_len], positions, req.slot_base + positions)
             req.result.commit_lens.append(commit_len)
             for token in emitted[b, :commit_len].tolist():

@@ -6,6 +6,7 @@ The scheduler contract it implements is the package docstring (``sglang_dflash.w
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from sglang.srt.layers.logprob_processor import compute_spec_logprobs
@@ -18,18 +19,20 @@ from sglang.srt.speculative.draft_worker_common import make_draft_input_v2
 from sglang.srt.speculative.spec_sampling_mask import SpeculativeSamplingMaskCapture
 from sglang.srt.speculative.spec_utils import GrammarTree, build_grammar_vocab_mask
 
+from ..kernels.draft_attention import sm_count
+from .draft_graph import CudaGraphCapture, DraftParts, DraftRunner
 from .settings import WorkerConfig, read_server_settings, worker_config
 from .steps import (
     RowSampling,
     SpecOutputs,
     accept_block,
     block_inputs,
-    context_slot_table,
     extend_positions,
     mamba_steps_to_track,
     spec_outputs,
 )
 from .target import SGLangTarget, load_drafter_for
+from .warmup import EAGER_BATCH_SIZES, serving_launches, warm_up
 
 logger = logging.getLogger("sglang_dflash")
 
@@ -84,6 +87,7 @@ class DFlashWorker(BaseSpecWorker):
         self.device = target.lm_head_weight.device
         self.pool = None
         self.pool_slots = 0
+        self.draft_runner = None
         self.commit_linear_state = False
         logger.info("DFlash worker: drafter %s, block %d, ops %s, tp %d", cfg.drafter_path,
                     cfg.block_size, cfg.op_backend, cfg.tp_size)
@@ -97,9 +101,49 @@ class DFlashWorker(BaseSpecWorker):
         # SGLang's padding slot); SGLang's KV budget already set aside room for it
         self.pool_slots = token_to_kv_pool_allocator.size + token_to_kv_pool_allocator.page_size
         self.pool = self.drafter.new_pool(self.pool_slots)
+        # RoPE frequencies and stacked context weights now, never inside a graph capture
+        self.drafter.prepare(self.device)
+        self.draft_runner = DraftRunner(DraftParts(
+            drafter=self.drafter, pool=self.pool, embed=self.target.embed_tokens, head=self._greedy_tokens,
+            req_to_token=req_to_token_pool.req_to_token, mask_token_id=self.mask_token_id,
+            block_size=self.block_size))
 
     def init_attention_backends(self):
         self.commit_linear_state = self.target.has_linear_state()
+
+    def init_cuda_graphs(self):
+        """Compile every Triton binary serving can launch, then capture one draft graph per
+        batch bucket, or log that the draft runs eagerly."""
+        self._warm_up()
+        sizes = self.cfg.cuda_graph_bs
+        if sizes is None:
+            logger.info("DFlash draft: eager, no CUDA graphs (decode CUDA graphs are disabled, "
+                        "e.g. --disable-cuda-graph)")
+            return
+        from sglang.srt.distributed.parallel_state import graph_capture
+
+        start = time.perf_counter()
+        # SGLang's capture context: the tensor-parallel gather of the greedy head is recorded too
+        with graph_capture() as context:
+            self.draft_runner.capture(sizes, CudaGraphCapture(context.stream))
+        logger.info("DFlash draft: captured %d CUDA graphs (batch buckets %s) in %.1f s; batches above %d "
+                    "draft eagerly", len(sizes), sorted(sizes), time.perf_counter() - start,
+                    self.draft_runner.largest_bucket)
+
+    def _warm_up(self) -> None:
+        ops = self.drafter.ops
+        if ops.backend != "triton" or self.device.type != "cuda":
+            logger.info("DFlash warm-up: nothing to compile (%s ops on %s)", ops.backend, self.device.type)
+            return
+        start = time.perf_counter()
+        # verify logits span the whole vocabulary: the shards of every rank (even splits)
+        vocab = self.target.lm_head_weight.shape[0] * self.cfg.tp_size
+        launches = serving_launches(
+            self.drafter, self.req_to_token_pool.req_to_token, self.target.lm_head_weight.shape[0], vocab,
+            self.cfg.tp_size, self.block_size, self.cfg.cuda_graph_bs or EAGER_BATCH_SIZES, sm_count(self.device))
+        binaries, _ = warm_up(launches)
+        logger.info("DFlash warm-up: compiled %d Triton binaries (%d launches recorded) in %.1f s",
+                    binaries, len(launches), time.perf_counter() - start)
 
     # ---- the step ----
 
@@ -196,14 +240,10 @@ class DFlashWorker(BaseSpecWorker):
     # ---- pieces of the step ----
 
     def _draft(self, batch, block_ids, positions) -> torch.Tensor:
-        """candidates [B, L]: the bonus token followed by L-1 greedy drafts."""
-        B, L = block_ids.shape
-        slot_table = context_slot_table(self.target.req_to_token, batch.req_pool_indices, batch.seq_lens,
-                                        self._host_max_seq_len(batch))
-        embeds = self.target.embed_tokens(block_ids.reshape(-1)).view(B, L, -1)
-        hidden = self.drafter.forward_block(self.pool, embeds, positions, slot_table, batch.seq_lens)
-        drafts = self._greedy_tokens(hidden[:, 1:].reshape(B * (L - 1), -1))
-        return torch.cat([block_ids[:, :1], drafts.to(torch.int64).view(B, L - 1)], dim=1)
+        """candidates [B, L]: the bonus token followed by L-1 greedy drafts, from the batch
+        bucket's CUDA graph or eagerly (``draft_graph``); the block and its ``positions``
+        are rebuilt there from the bonus and ``seq_lens``, with static shapes."""
+        return self.draft_runner.draft(block_ids[:, 0], batch.seq_lens, batch.req_pool_indices)
 
     def _greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
         """[T] argmax of hidden [T, H] through the target's lm_head (all vocab shards)."""
@@ -253,15 +293,6 @@ class DFlashWorker(BaseSpecWorker):
             raise RuntimeError(f"DFlash: captured target features {tuple(features.shape)}, expected "
                                f"({num_tokens}, {width}) = (tokens, target layers x hidden)")
         return features
-
-    def _host_max_seq_len(self, batch) -> int:
-        """A host-side upper bound on the batch's committed lengths (no device sync)."""
-        if batch.seq_lens_cpu is not None:
-            return int(batch.seq_lens_cpu.max())
-        reserved = batch.spec_info.nxt_kv_lens_cpu
-        if reserved is not None:
-            return int(reserved.max())
-        raise RuntimeError("DFlash decode: neither batch.seq_lens_cpu nor the reserved lengths are on the host")
 
     def _check_pool(self) -> None:
         allocator = self.token_to_kv_pool_allocator

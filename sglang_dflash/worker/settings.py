@@ -34,6 +34,9 @@ class ServerSettings:
     lora: bool
     adaptive: bool
     ops_env: str | None  # the value of SGLANG_DFLASH_OPS
+    # batch sizes SGLang captures decode CUDA graphs for; None: decode graphs disabled
+    # (--disable-cuda-graph or --cuda-graph-backend-decode disabled)
+    cuda_graph_bs: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -42,13 +45,20 @@ class WorkerConfig:
     block_size: int
     op_backend: str
     tp_size: int
+    # draft CUDA graph buckets (SGLang's decode batch sizes); None: the draft runs eagerly
+    cuda_graph_bs: tuple[int, ...] | None = None
 
 
 def read_server_settings(device: str) -> ServerSettings:
     """The settings of this SGLang process (scheduler side, runtime context published)."""
-    from sglang.srt.runtime_context import get_disagg, get_lora, get_memory, get_parallel, get_spec
+    from sglang.srt.runtime_context import get_disagg, get_exec, get_lora, get_memory, get_parallel, get_spec
 
     spec, memory, parallel = get_spec(), get_memory(), get_parallel()
+    graphs = get_exec().graph.cuda_graph_config
+    decode = graphs.decode if graphs is not None else None
+    graph_bs = None
+    if decode is not None and decode.backend != "disabled" and decode.bs:
+        graph_bs = tuple(int(b) for b in decode.bs)
     return ServerSettings(
         drafter_path=spec.speculative_draft_model_path,
         block_size=spec.speculative_num_draft_tokens,
@@ -64,6 +74,7 @@ def read_server_settings(device: str) -> ServerSettings:
         lora=bool(get_lora().enable_lora),
         adaptive=bool(spec.speculative_adaptive),
         ops_env=os.environ.get(OPS_ENV),
+        cuda_graph_bs=graph_bs,
     )
 
 
@@ -87,6 +98,9 @@ def _problems(s: ServerSettings) -> list[str]:
         (s.adaptive, "--speculative-adaptive is not supported (the block size is fixed)"),
         (s.ops_env is not None and s.ops_env not in BACKENDS,
          f"{OPS_ENV}={s.ops_env!r}: expected one of {BACKENDS}"),
+        (s.cuda_graph_bs is not None and not s.device.startswith("cuda"),
+         f"the DFlash draft captures CUDA graphs, which need a CUDA device (device {s.device}); "
+         "pass --disable-cuda-graph"),
     ]
     return [message for refused, message in refusals if refused]
 
@@ -98,4 +112,4 @@ def worker_config(s: ServerSettings) -> WorkerConfig:
         raise ValueError("DFlash worker cannot start:\n" + "\n".join(f"  - {p}" for p in problems))
     backend = s.ops_env or ("triton" if s.device.startswith("cuda") else "torch")
     return WorkerConfig(drafter_path=s.drafter_path, block_size=int(s.block_size),
-                        op_backend=backend, tp_size=s.tp_size)
+                        op_backend=backend, tp_size=s.tp_size, cuda_graph_bs=s.cuda_graph_bs)

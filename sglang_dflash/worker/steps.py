@@ -5,8 +5,9 @@ the tests drive them with real SGLang pools and batch fields and compare them wi
 reference loop (``reference/loop.py``), which is the specification of the step:
 
   block inputs   block = [bonus, MASK x (L-1)] at positions seq_len .. seq_len+L-1, and
-                 the KV slots SGLang reserved for those positions (``req_to_token``)
-  context table  the slots of positions 0 .. seq_len-1, the draft context
+                 the KV slots SGLang reserved for those positions (``req_to_token``);
+                 the draft reads its context straight from the request's
+                 ``req_to_token`` row (``draft_graph``)
   accept         greedy rows through ``accept_greedy``, sampled rows through
                  ``accept_sampled``; probabilities as SGLang's sampler defines them
   outputs        what the scheduler reads back: emitted tokens, ``accept_lens``
@@ -27,7 +28,8 @@ from ..backend import Ops
 
 
 def extend_positions(prefix_lens: list[int], extend_lens: list[int], device) -> torch.Tensor:
-    """[T] absolute positions of an extend batch's new tokens, requests back to back.
+    """[T] absolute positions of an extend batch's new tokens, requests back to back,
+    computed from the host lists and sent to the device without a blocking copy.
 
     E.g. prefix_lens [0, 5], extend_lens [3, 2] -> [0, 1, 2, 5, 6].
     """
@@ -39,7 +41,12 @@ def extend_positions(prefix_lens: list[int], extend_lens: list[int], device) -> 
         raise ValueError(f"negative prefix or extend length: {prefix_lens}, {extend_lens}")
     first = torch.cumsum(counts, 0) - counts  # index of each request's first new token
     offsets = torch.arange(int(counts.sum())) - torch.repeat_interleave(first, counts)
-    return (torch.repeat_interleave(starts, counts) + offsets).to(device)
+    positions = torch.repeat_interleave(starts, counts) + offsets
+    if torch.device(device).type != "cuda":
+        return positions.to(device)
+    # from pinned memory the copy is queued on the stream without blocking the host (the
+    # caching host allocator keeps the staging buffer until the copy has run)
+    return positions.pin_memory().to(device, non_blocking=True)
 
 
 def block_inputs(
@@ -66,25 +73,6 @@ def block_inputs(
     rows = req_pool_indices.to(torch.int64)[:, None]
     cache_loc = req_to_token[rows, positions].to(torch.int64)
     return block_ids, positions, cache_loc
-
-
-def context_slot_table(
-    req_to_token: torch.Tensor,  # [R, C]
-    req_pool_indices: torch.Tensor,  # [B]
-    ctx_lens: torch.Tensor,  # [B] context length of each request (= seq_lens)
-    max_ctx: int,
-) -> torch.Tensor:
-    """slot_table [B, S]: the draft-context slots of positions 0..ctx_len-1, 0 past them.
-
-    S = max(max_ctx, 1) is a host-side bound on ``ctx_lens`` (SGLang's ``seq_lens_cpu``),
-    so building the table never waits on the device.
-    """
-    S = max(int(max_ctx), 1)
-    if S > req_to_token.shape[1]:
-        raise ValueError(f"context bound {S} exceeds req_to_token width {req_to_token.shape[1]}")
-    table = req_to_token[req_pool_indices.to(torch.int64), :S].to(torch.int64)
-    cols = torch.arange(S, device=table.device)[None, :]
-    return torch.where(cols < ctx_lens.to(torch.int64)[:, None], table, 0)
 
 
 @dataclass(frozen=True)
