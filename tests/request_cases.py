@@ -47,6 +47,7 @@ REFUSED_BY_PLUGIN = {
     "completion-stream-5000": (completion([256, 5000], stream=True), ("input_ids", "5000")),
     "completion-logprobs-100000": (completion(logprobs=100000), ("top_logprobs_num", "100000")),
     "completion-logprobs-neg": (completion(logprobs=-1), ("top_logprobs_num", "-1")),
+    "chat-top_logprobs-100000": (chat(logprobs=True, top_logprobs=100000), ("top_logprobs_num", "100000")),
     "n-0": (generate(n=0), ("n must be", "0")),
     "n-neg": (generate(n=-1), ("n must be", "-1")),
     "n-0-batch": (generate([PROMPT, PROMPT], n=0), ("n must be", "0")),

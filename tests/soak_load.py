@@ -146,7 +146,7 @@ def _sampled_case(rng: random.Random) -> Case:
 
 
 def soak_cases(seed: int = 12) -> list[Case]:
-    """The whole mix (352 requests), shuffled."""
+    """The whole mix (353 requests), shuffled."""
     rng = random.Random(seed)
     counts = {"generate": 80, "stream": 25, "logprobs": 20, "stop_str": 14, "stop_ids": 14, "n_greedy": 8,
               "penalty": 12, "min_new": 12, "completion": 30, "chat": 20, "long_prompt": 15,

@@ -1,4 +1,4 @@
-"""Soak: a seeded mixed load of 352 requests through a plain and a DFlash CPU server.
+"""Soak: a seeded mixed load of ~350 requests through a plain and a DFlash CPU server.
 
 The tiny Qwen3 pair, one server after the other, the same requests in the same order,
 ``soak_load.CONCURRENCY`` at a time (the kinds: ``soak_load.KINDS``). Oracle:
