@@ -37,6 +37,17 @@ later asks the model for ``set_dflash_layers_to_capture`` (in
 ``ModelRunner.init_attention_backends``), so the method is in place in time, and
 ``sglang.srt.models.kimi_linear`` is imported only where a DFLASH worker is made.
 
+Two more hooks, registered in every server the plugin is loaded into (plain servers too),
+refuse requests that SGLang 0.5.23 would pass to the scheduler and die of or misserve
+(``request_validation`` lists them): one around ``TokenizerManager._validate_one_request``,
+SGLang's own per-request check (every single request and every item of a batch, after
+normalisation and tokenization, before the scheduler sees it; a ValueError raised there
+becomes HTTP 400 on ``/generate`` and the OpenAI routes), and one after
+``GenerateReqInput._handle_parallel_sampling``, the only place that still sees ``n`` when
+a batch prompt with ``n = 0`` would expand to no request at all. Applying them imports
+``tokenizer_manager`` in the scheduler processes too (about 20 ms once the scheduler's own
+imports are done).
+
 A version of SGLang other than 0.5.23 is refused: ``load()`` raises, and SGLang's loader
 logs the error with its traceback and starts without the plugin.
 """
@@ -56,6 +67,8 @@ ROUTE_ENV = "SGLANG_DFLASH_ROUTE"
 WORKER = "sglang_dflash.worker.dflash_worker.DFlashWorker"
 CREATE_WORKER = "sglang.srt.speculative.spec_info.SpeculativeAlgorithm.create_worker"
 HANDLE_DFLASH = "sglang.srt.arg_groups.speculative_hook._handle_dflash"
+VALIDATE_REQUEST = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request"
+PARALLEL_SAMPLING = "sglang.srt.managers.io_struct.GenerateReqInput._handle_parallel_sampling"
 # the DFLASH server-args defaults SGLang's _handle_dflash declares, which ours keeps
 DFLASH_DEFAULT_MAX_RUNNING_REQUESTS = 48
 
@@ -89,7 +102,7 @@ def route_to_plugin_worker() -> bool:
 
 
 def load() -> None:
-    """Entry point of ``sglang.srt.plugins``; idempotent. SGLang applies the hook after."""
+    """Entry point of ``sglang.srt.plugins``; idempotent. SGLang applies the hooks after."""
     global _loaded
     if _loaded:
         return
@@ -100,6 +113,8 @@ def load() -> None:
     HookRegistry.register(CREATE_WORKER, make_create_worker_hook(route), HookType.AROUND)
     if route:
         HookRegistry.register(HANDLE_DFLASH, handle_dflash_args, HookType.AROUND)
+    HookRegistry.register(VALIDATE_REQUEST, validate_one_request, HookType.AROUND)
+    HookRegistry.register(PARALLEL_SAMPLING, check_parallel_sampling, HookType.AFTER)
     _loaded = True
     logger.info("sglang-dflash: --speculative-algorithm dflash runs %s",
                 WORKER if route else f"SGLang's built-in DFlashWorkerV2 ({ROUTE_ENV}=0)")
@@ -119,6 +134,24 @@ def make_create_worker_hook(route: bool) -> Callable:
         return DFlashWorker
 
     return create_worker
+
+
+def validate_one_request(original: Callable, manager, obj, input_ids):
+    """SGLang's per-request validation, after the plugin's own checks of a generate request."""
+    from sglang.srt.managers.io_struct import GenerateReqInput
+
+    from .request_validation import check_request
+
+    if isinstance(obj, GenerateReqInput):
+        check_request(obj, input_ids, manager.model_config.vocab_size)
+    return original(manager, obj, input_ids)
+
+
+def check_parallel_sampling(result, request) -> None:
+    """After SGLang resolved ``n`` into ``parallel_sample_num``: refuse n < 1."""
+    from .request_validation import check_parallel_sample_num
+
+    check_parallel_sample_num(request.parallel_sample_num)
 
 
 def handle_dflash_args(original: Callable, server_args) -> None:

@@ -39,11 +39,12 @@ from sglang.srt.models.kimi_linear import KimiLinearForCausalLM
 print(json.dumps({
     "entry_points": sorted(f"{e.name}={e.value}" for e in entry_points(group="sglang.srt.plugins")),
     "hook_applied": "%s" in HookRegistry._patched,
+    "request_hooks": sorted(t for t in HookRegistry._patched if t in %r),
     "algorithm": f"{type(algorithm).__name__}.{algorithm.name}",
     "worker": f"{worker.__module__}.{worker.__qualname__}",
     "kimi_capture": "set_dflash_layers_to_capture" in vars(KimiLinearForCausalLM),
 }))
-""" % plugin.CREATE_WORKER
+""" % (plugin.CREATE_WORKER, (plugin.VALIDATE_REQUEST, plugin.PARALLEL_SAMPLING))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -102,6 +103,36 @@ def test_version_gate(monkeypatch):
         plugin.check_sglang_version()
     monkeypatch.setattr(sglang.version, "__version__", "0.5.23+cpu")
     plugin.check_sglang_version()
+
+
+def test_request_hooks_check_before_sglang():
+    """The per-request hook runs the plugin's checks, then SGLang's own; embeddings pass."""
+    import types
+
+    from sglang.srt.managers.io_struct import EmbeddingReqInput, GenerateReqInput
+
+    manager = types.SimpleNamespace(model_config=types.SimpleNamespace(vocab_size=264))
+    calls = []
+
+    def original(mgr, obj, input_ids):
+        calls.append(input_ids)
+
+    good = GenerateReqInput(input_ids=[256, 263], sampling_params={"max_new_tokens": 2})
+    good.normalize_batch_and_arguments()
+    plugin.validate_one_request(original, manager, good, good.input_ids)
+    bad = GenerateReqInput(input_ids=[256, 264], sampling_params={"max_new_tokens": 2})
+    bad.normalize_batch_and_arguments()
+    with pytest.raises(ValueError, match=r"token id 264 at index 1 .* \[0, 264\)"):
+        plugin.validate_one_request(original, manager, bad, bad.input_ids)
+    embedding = EmbeddingReqInput(input_ids=[256, 999])
+    plugin.validate_one_request(original, manager, embedding, embedding.input_ids)
+    assert calls == [[256, 263], [256, 999]]
+
+    batch = GenerateReqInput(input_ids=[[256], [256, 1]], sampling_params={"n": 0})
+    batch._determine_batch_size()
+    batch._handle_parallel_sampling()
+    with pytest.raises(ValueError, match="n must be an integer >= 1"):
+        plugin.check_parallel_sampling(None, batch)
 
 
 def _dflash_args(device: str, drafter, *extra: str):
@@ -250,6 +281,7 @@ def test_dflash_routes_to_plugin_worker(fresh_routes):
     got = last_json_line(fresh_routes["default"], timeout=300)
     assert "dflash=sglang_dflash.plugin:load" in got["entry_points"]
     assert got["hook_applied"]
+    assert got["request_hooks"] == sorted([plugin.VALIDATE_REQUEST, plugin.PARALLEL_SAMPLING])
     # the built-in member, so every DFLASH branch of the scheduler stays valid
     assert got["algorithm"] == "SpeculativeAlgorithm.DFLASH"
     assert got["worker"] == plugin.WORKER
@@ -259,6 +291,8 @@ def test_dflash_routes_to_plugin_worker(fresh_routes):
 def test_route_off_gives_builtin_worker(fresh_routes):
     got = last_json_line(fresh_routes["off"], timeout=300)
     assert got["hook_applied"]
+    # the request checks do not depend on the routing
+    assert got["request_hooks"] == sorted([plugin.VALIDATE_REQUEST, plugin.PARALLEL_SAMPLING])
     assert got["worker"] == "sglang.srt.speculative.dflash_worker_v2.DFlashWorkerV2"
     # the built-in worker gets the Kimi-Linear capture too
     assert got["kimi_capture"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -21,10 +22,28 @@ from pathlib import Path
 
 START_TIMEOUT_S = 400
 DEFAULT_THREADS = "1"
+# With --skip-server-warmup, SGLang 0.5.23 posts /freeze_gc before uvicorn listens and logs
+# the refused connection with its traceback: harmless, and the only traceback a healthy
+# start-up writes.
+BENIGN_TRACEBACKS = ("post-warmup freeze_gc failed",)
+# a log record starts with SGLang's "[2026-12-01 10:16:24" timestamp
+_RECORD_START = re.compile(r"^\[\d{4}-\d\d-\d\d ", re.MULTILINE)
 
 
 class ServerExited(AssertionError):
     """The server process ended before it was healthy (its log tail is the message)."""
+
+
+def cpu_tp_env(tp_size: int) -> dict[str, str]:
+    """The environment a CPU server with ``--tp-size tp_size`` needs, one core per rank.
+
+    SGLang 0.5.23 asserts at most one rank per NUMA node (``utils/numa_utils.py``) unless
+    ``SGLANG_CPU_OMP_THREADS_BIND`` names a core group per rank ("0|1" for two ranks);
+    it must be set before the schedulers spawn. Without sgl_kernel the binding itself is
+    skipped and each rank runs ``OMP_NUM_THREADS`` threads.
+    """
+    cores = os.cpu_count() or 1
+    return {"SGLANG_CPU_OMP_THREADS_BIND": "|".join(str(rank % cores) for rank in range(tp_size))}
 
 
 def free_port() -> int:
@@ -99,6 +118,13 @@ class Server:
         """SGLang's native /generate, greedy unless ``params`` say otherwise."""
         sampling = {"max_new_tokens": n, "temperature": 0, **params}
         return self.post("/generate", {"input_ids": input_ids, "sampling_params": sampling})
+
+    def tracebacks(self) -> list[str]:
+        """The log records that carry a Python traceback, except ``BENIGN_TRACEBACKS``."""
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        starts = [m.start() for m in _RECORD_START.finditer(text)] + [len(text)]
+        records = [text[a:b] for a, b in zip([0] + starts, starts)]
+        return [r for r in records if "Traceback" in r and not any(b in r for b in BENIGN_TRACEBACKS)]
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""

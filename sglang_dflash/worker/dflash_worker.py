@@ -252,10 +252,12 @@ class DFlashWorker(BaseSpecWorker):
         if self.tp_group is None:
             return local_ids
         P, T = self.cfg.tp_size, hidden.shape[0]
-        gathered_max = local_max.new_empty((P * T,))
-        gathered_ids = local_ids.new_empty((P * T,))
-        self.tp_group.all_gather_into_tensor(gathered_max, local_max.contiguous())
-        self.tp_group.all_gather_into_tensor(gathered_ids, local_ids.contiguous())
+        # GroupCoordinator.all_gather picks the collective by the tensor's device (its
+        # registered op on CUDA; sgl_kernel's shared-memory gather or gloo on CPU), whereas
+        # all_gather_into_tensor has no CPU implementation in SGLang 0.5.23 without sgl_kernel.
+        # Shards come back in rank order: [P*T] = rank 0's T rows, then rank 1's ...
+        gathered_max = self.tp_group.all_gather(local_max.contiguous(), dim=0)
+        gathered_ids = self.tp_group.all_gather(local_ids.contiguous(), dim=0)
         # highest logit over the shards, ties to the lowest token id (one full-vocab argmax)
         return self.drafter.ops.combine_shards(gathered_max.view(P, T), gathered_ids.view(P, T))
 
