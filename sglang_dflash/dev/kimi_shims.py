@@ -102,7 +102,7 @@ def install_kda_extend_through_recurrent_kernel() -> None:
 
     ``TritonKDAKernel.extend`` (``srt/layers/attention/linear/kernels/kda_triton.py:223``)
     calls ``chunk_kda``, which does not run in the interpreter (module-level aliases, then
-    ``kernels/ops/attention/fla/kda.py:1124``). The recurrent kernel
+    ``kernels/ops/attention/fla/kda.py:1125``). The recurrent kernel
     ``fused_sigmoid_gating_delta_rule_update`` takes the same raw gate and beta and updates
     the state pool in place, as ``chunk_kda`` does. It writes no per-chunk snapshots, so
     mamba radix tracking (``extra_buffer``) is refused: use ``--disable-radix-cache`` or
