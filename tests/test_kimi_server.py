@@ -353,6 +353,41 @@ def test_one_state_slot_per_running_request(served):
           "(rows, steps)")
 
 
+MHA_DRAFTER = TARGET_DIR.parent / "tiny-dflash-mha"
+
+
+@pytest.fixture(scope="module")
+def mha_triton(tmp_path_factory):
+    """The MHA drafter (4 x head dim 24: every kernel's masked head-dim path) served with
+    the Triton kernels (in the interpreter) instead of the torch twins: the demo prompts."""
+    spec = ("--speculative-algorithm", "dflash", "--speculative-draft-model-path", str(MHA_DRAFTER))
+    srv = Server(TARGET_DIR, tmp_path_factory.mktemp("dflash-mha") / "server.log",
+                 COMMON_ARGS + spec + ("--disable-radix-cache",), env={"SGLANG_DFLASH_OPS": "triton"})
+    try:
+        out = {"greedy": generate_all(srv, PROMPTS[:len(DEMO_PROMPTS)], 24), "after": flushed_state(srv)}
+        out["log"] = srv.log.read_text(errors="replace")
+    finally:
+        srv.stop()
+    return out
+
+
+def test_mha_drafter_with_triton_kernels_is_served_exactly(mha_triton, plain):
+    from sglang_dflash.backend import get_ops
+    from sglang_dflash.reference.offline import teacher_forced_commit_lens
+    from sglang_dflash.reference.tiny_pair import load_tiny_pair
+
+    assert "ops triton" in mha_triton["log"], "the worker did not run the Triton kernels"
+    prompts = PROMPTS[:len(DEMO_PROMPTS)]
+    answers = [o["output_ids"] for o in mha_triton["greedy"]]
+    assert answers == [b["output_ids"][:24] for b in plain["greedy"][:len(prompts)]]
+    target, drafter = load_tiny_pair(drafter_dir=MHA_DRAFTER)
+    walks = teacher_forced_commit_lens(target, drafter, get_ops("torch"), prompts, answers, BLOCK)
+    for ids, o, lens in zip(prompts, mha_triton["greedy"], walks):
+        assert (o["meta_info"]["spec_verify_ct"], o["meta_info"]["completion_tokens"]) == \
+            (len(lens), sum(lens) + 1), f"prompt {ids}: walk {lens}"
+    assert mha_triton["after"][0] == 0 and not log_problems(mha_triton["log"])
+
+
 def test_no_slot_leaked_and_no_traceback(served, plain):
     name, ours = served
     for label, server in (("plain", plain), (name, ours)):
