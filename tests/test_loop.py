@@ -122,12 +122,19 @@ def test_triton_backend_emits_the_same_tokens_and_blocks(pair):
 # ---- verify width: draft the trained block, verify its first W positions ----
 
 
-@pytest.mark.parametrize("W", [2, 5, 8], ids=lambda w: f"L16-W{w}")
-def test_verify_width_is_lossless_and_walks_like_teacher_forcing(pair, W):
+WIDTH_PARAMS = [_greedy(n) for n in (20, 7, 16, 20, 11)]  # several stop mid-block
+
+
+@pytest.fixture(scope="module")
+def plain_for_widths(pair):
+    return generate_plain(pair[0], PROMPTS, WIDTH_PARAMS)
+
+
+@pytest.mark.parametrize("W", [2, 6], ids=lambda w: f"L16-W{w}")
+def test_verify_width_is_lossless_and_walks_like_teacher_forcing(pair, plain_for_widths, W):
     target, drafter = pair
-    params = [_greedy(n) for n in (30, 7, 23, 30, 13)]
-    plain = generate_plain(target, PROMPTS, params)
-    spec = generate_dflash(target, drafter, PROMPTS, params, OPS, verify_width=W)
+    plain = plain_for_widths
+    spec = generate_dflash(target, drafter, PROMPTS, WIDTH_PARAMS, OPS, verify_width=W)
     assert [s.tokens for s in spec] == [p.tokens for p in plain]
     assert all(1 <= n <= W for s in spec for n in s.commit_lens)
     assert any(n == W for s in spec for n in s.commit_lens), "no step used the whole verify width"
@@ -142,8 +149,8 @@ def test_verify_width_drafts_the_whole_trained_block(pair):
     from sglang_dflash.reference.loop import draft_block
 
     target, drafter = pair
-    prompts = [encode(p) for p in DEMO_PROMPTS[:4]]
-    seqs = [p + c.tokens for p, c in zip(prompts, generate_plain(target, prompts, [_greedy(20)] * 4))]
+    prompts = [encode(p) for p in DEMO_PROMPTS[:2]]
+    seqs = [p + c.tokens for p, c in zip(prompts, generate_plain(target, prompts, [_greedy(8)] * 2))]
     target.set_capture_layers(drafter.cfg.target_layer_ids)
     pool = drafter.new_pool(sum(map(len, seqs)))
     bases = [sum(map(len, seqs[:i])) for i in range(len(seqs))]
@@ -155,7 +162,7 @@ def test_verify_width_drafts_the_whole_trained_block(pair):
     last = torch.tensor([s[i] for s, i in zip(seqs, start.tolist())])
     args = (target, drafter, OPS, pool, last, start, torch.tensor(bases))
     full = draft_block(*args, L=16)
-    assert full.shape == (4, 16)
+    assert full.shape == (2, 16)
     for W in (2, 4, 8):
         assert torch.equal(draft_block(*args, L=16, W=W), full[:, :W])
     # a block of 4 is a different context: its drafts differ somewhere (what stock engines draft)
