@@ -5,7 +5,8 @@ Combines an acceptance curve (``acceptance_curve``) with step times: the model o
 ``benchmarks/verify_cost.py`` measured on a GPU (the draft and the weights outside the
 timed layers stay modelled). For each concurrency C (C requests decoding together) it
 prints the best W, tau(W), the predicted speed-up over no speculation and the
-break-even tau at that W, and the server-config line that sets W.
+break-even tau at that W, and the server-config line that sets W. Without ``--cost``
+every figure is the model's estimate, not a measurement.
 """
 
 from __future__ import annotations
