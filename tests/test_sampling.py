@@ -63,8 +63,9 @@ def chi_square_pvalue(samples, joint):
     return float(chi2.sf(stat, len(observed) - 1))
 
 
-def _sample_triples(target, drafter, ops, prompt, seed):
-    results = generate_dflash(target, drafter, [prompt] * N, [PARAMS] * N, ops, block_size=4, seed=seed)
+def _sample_triples(target, drafter, ops, prompt, seed, **widths):
+    widths = widths or {"block_size": 4}
+    results = generate_dflash(target, drafter, [prompt] * N, [PARAMS] * N, ops, seed=seed, **widths)
     return [tuple(r.tokens) for r in results]
 
 
@@ -87,6 +88,18 @@ def test_sampled_tokens_follow_the_target_distribution(pair):
     broken = OPS.__class__(**{**OPS.__dict__, "accept_sampled": _always_accept})
     p_broken = chi_square_pvalue(_sample_triples(target, drafter, broken, prompt, seed=0), joint)
     assert p_broken < 1e-6, f"the test cannot see an always-accept verifier (p={p_broken:.2e})"
+
+
+@pytest.mark.slow
+def test_sampled_tokens_follow_the_target_at_a_verify_width_below_the_block(pair):
+    """Draft the trained block of 16, verify 3 (the bonus token and 2 drafts): after the
+    prefill's token, one step emits the other two, so the whole triple passes the verify."""
+    target, drafter = pair
+    prompt = encode("the big ")
+    joint = exact_joint(target, prompt)
+    samples = _sample_triples(target, drafter, OPS, prompt, seed=1, verify_width=3)
+    p_value = chi_square_pvalue(samples, joint)
+    assert p_value > 1e-3, f"DFlash sampling at verify width 3 deviates from the target (p={p_value:.2e})"
 
 
 def test_probs_from_logits_top_k_top_p():

@@ -21,7 +21,9 @@ class ServerSettings:
     """The SGLang settings the DFlash worker depends on, as resolved at start-up."""
 
     drafter_path: str | None
-    block_size: int | None  # --speculative-num-draft-tokens
+    # --speculative-num-draft-tokens: the positions the target verifies (the drafter's
+    # block is its own config's block_size)
+    verify_width: int | None
     device: str
     tp_size: int
     pp_size: int
@@ -42,7 +44,7 @@ class ServerSettings:
 @dataclass(frozen=True)
 class WorkerConfig:
     drafter_path: str
-    block_size: int
+    verify_width: int  # W: bonus + W-1 drafts verified; 2 <= W <= the drafter's block
     op_backend: str
     tp_size: int
     # draft CUDA graph buckets (SGLang's decode batch sizes); None: the draft runs eagerly
@@ -61,7 +63,7 @@ def read_server_settings(device: str) -> ServerSettings:
         graph_bs = tuple(int(b) for b in decode.bs)
     return ServerSettings(
         drafter_path=spec.speculative_draft_model_path,
-        block_size=spec.speculative_num_draft_tokens,
+        verify_width=spec.speculative_num_draft_tokens,
         device=device,
         tp_size=int(parallel.tp_size),
         pp_size=int(parallel.pp_size),
@@ -81,8 +83,8 @@ def read_server_settings(device: str) -> ServerSettings:
 def _problems(s: ServerSettings) -> list[str]:
     refusals = [
         (s.drafter_path is None, "--speculative-draft-model-path is required (the DFlash drafter directory)"),
-        (s.block_size is None or s.block_size < 2,
-         f"--speculative-num-draft-tokens must be >= 2 (the block size), got {s.block_size}"),
+        (s.verify_width is None or s.verify_width < 2,
+         f"--speculative-num-draft-tokens must be >= 2 (the verify width), got {s.verify_width}"),
         (s.pp_size != 1, f"pipeline parallelism is not supported (--pp-size {s.pp_size}); use 1"),
         (s.dp_attention, "--enable-dp-attention is not supported"),
         (s.topk not in (None, 1), f"DFlash verifies a chain: --speculative-eagle-topk must be 1, got {s.topk}"),
@@ -111,5 +113,5 @@ def worker_config(s: ServerSettings) -> WorkerConfig:
     if problems:
         raise ValueError("DFlash worker cannot start:\n" + "\n".join(f"  - {p}" for p in problems))
     backend = s.ops_env or ("triton" if s.device.startswith("cuda") else "torch")
-    return WorkerConfig(drafter_path=s.drafter_path, block_size=int(s.block_size),
+    return WorkerConfig(drafter_path=s.drafter_path, verify_width=int(s.verify_width),
                         op_backend=backend, tp_size=s.tp_size, cuda_graph_bs=s.cuda_graph_bs)

@@ -4,10 +4,11 @@ Each function takes plain tensors (device from the inputs) and returns plain ten
 the tests drive them with real SGLang pools and batch fields and compare them with the
 reference loop (``reference/loop.py``), which is the specification of the step:
 
-  block inputs   block = [bonus, MASK x (L-1)] at positions seq_len .. seq_len+L-1, and
-                 the KV slots SGLang reserved for those positions (``req_to_token``);
-                 the draft reads its context straight from the request's
-                 ``req_to_token`` row (``draft_graph``)
+  block inputs   block = [bonus, MASK x (L-1)] at positions seq_len .. seq_len+L-1 (L the
+                 drafter's block), and the KV slots SGLang reserved for the first W of
+                 them, the positions the target verifies (``req_to_token``); the draft
+                 reads its context straight from the request's ``req_to_token`` row
+                 (``draft_graph``)
   accept         greedy rows through ``accept_greedy``, sampled rows through
                  ``accept_sampled``; probabilities as SGLang's sampler defines them
   outputs        what the scheduler reads back: emitted tokens, ``accept_lens``
@@ -56,14 +57,19 @@ def block_inputs(
     req_to_token: torch.Tensor,  # [R, C] KV slot of each (request row, position)
     mask_token_id: int,
     block_size: int,
+    verify_width: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """block_ids [B, L], positions [B, L], cache_loc [B, L] of one draft/verify block.
+    """block_ids [B, L], positions [B, L], cache_loc [B, W] of one draft block of L whose
+    first W positions the target verifies.
 
-    cache_loc are the slots SGLang reserved for the block's positions (it keeps about two
-    blocks per request allocated ahead of ``seq_lens``); the target's verify and the draft
-    context both write there.
+    cache_loc are the slots SGLang reserved for the verified positions (it keeps 2W slots
+    per request allocated ahead of ``seq_lens``); the target's verify and the draft
+    context both write there. The drafted positions past W get no slot: the draft keeps
+    no K/V of its block.
     """
-    B, L = bonus.shape[0], block_size
+    B, L, W = bonus.shape[0], block_size, verify_width
+    if not 2 <= W <= L:
+        raise ValueError(f"verify width {W} must lie in 2..{L} (the draft block)")
     if seq_lens.shape != (B,) or req_pool_indices.shape != (B,):
         raise ValueError(f"seq_lens {tuple(seq_lens.shape)} and req_pool_indices "
                          f"{tuple(req_pool_indices.shape)} must both be ({B},) like bonus")
@@ -71,7 +77,7 @@ def block_inputs(
     block_ids[:, 0] = bonus
     positions = seq_lens.to(torch.int64)[:, None] + torch.arange(L, device=bonus.device)[None, :]
     rows = req_pool_indices.to(torch.int64)[:, None]
-    cache_loc = req_to_token[rows, positions].to(torch.int64)
+    cache_loc = req_to_token[rows, positions[:, :W]].to(torch.int64)
     return block_ids, positions, cache_loc
 
 
