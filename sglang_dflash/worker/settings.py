@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 from ..backend import BACKENDS
+from ..sampling import BACKEND_DEFINITIONS
 
 # op backend: "triton" kernels or "torch" twins; unset = triton on CUDA, torch elsewhere
 OPS_ENV = "SGLANG_DFLASH_OPS"
@@ -34,6 +35,7 @@ class ServerSettings:
     lora: bool
     adaptive: bool
     ops_env: str | None  # the value of SGLANG_DFLASH_OPS
+    sampling_backend: str = "pytorch"  # --sampling-backend, as SGLang resolved it
 
 
 @dataclass(frozen=True)
@@ -42,11 +44,13 @@ class WorkerConfig:
     block_size: int
     op_backend: str
     tp_size: int
+    # --sampling-backend: its top-k / top-p / min-p define a sampled request's distribution
+    sampling_backend: str = "pytorch"
 
 
 def read_server_settings(device: str) -> ServerSettings:
     """The settings of this SGLang process (scheduler side, runtime context published)."""
-    from sglang.srt.runtime_context import get_disagg, get_lora, get_memory, get_parallel, get_spec
+    from sglang.srt.runtime_context import get_disagg, get_exec, get_lora, get_memory, get_parallel, get_spec
 
     spec, memory, parallel = get_spec(), get_memory(), get_parallel()
     return ServerSettings(
@@ -64,6 +68,7 @@ def read_server_settings(device: str) -> ServerSettings:
         lora=bool(get_lora().enable_lora),
         adaptive=bool(spec.speculative_adaptive),
         ops_env=os.environ.get(OPS_ENV),
+        sampling_backend=str(get_exec().kernel.sampling_backend),
     )
 
 
@@ -87,6 +92,9 @@ def _problems(s: ServerSettings) -> list[str]:
         (s.adaptive, "--speculative-adaptive is not supported (the block size is fixed)"),
         (s.ops_env is not None and s.ops_env not in BACKENDS,
          f"{OPS_ENV}={s.ops_env!r}: expected one of {BACKENDS}"),
+        (s.sampling_backend not in BACKEND_DEFINITIONS,
+         f"--sampling-backend {s.sampling_backend} is not supported: the sampled verify follows the "
+         f"filters of {sorted(BACKEND_DEFINITIONS)}"),
     ]
     return [message for refused, message in refusals if refused]
 
@@ -98,4 +106,4 @@ def worker_config(s: ServerSettings) -> WorkerConfig:
         raise ValueError("DFlash worker cannot start:\n" + "\n".join(f"  - {p}" for p in problems))
     backend = s.ops_env or ("triton" if s.device.startswith("cuda") else "torch")
     return WorkerConfig(drafter_path=s.drafter_path, block_size=int(s.block_size),
-                        op_backend=backend, tp_size=s.tp_size)
+                        op_backend=backend, tp_size=s.tp_size, sampling_backend=s.sampling_backend)
