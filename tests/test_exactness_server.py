@@ -129,6 +129,19 @@ def test_every_length_up_to_the_context(servers):
     served = [len(ids) + len(out) for (ids, _), (code, out) in zip(requests, got) if code == 200]
     # SGLang serves prompts up to CTX - 6 and caps the output at CTX - 2 tokens in all
     assert len(served) >= 2 * L - 5 and max(served) == CTX - 2, served
+
+    # an OpenAI chat request without max_tokens runs to the context too
+    def chat(server, text):
+        body = {"model": "tiny", "messages": [{"role": "user", "content": text}], "temperature": 0,
+                "ignore_eos": True}
+        out = server.post("/v1/chat/completions", body)[0]
+        return out["choices"][0]["message"]["content"], out["usage"]
+
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        want = list(pool.map(lambda t: chat(servers[0], t), DEMO_PROMPTS[:4]))
+        ours = list(pool.map(lambda t: chat(servers[1], t), DEMO_PROMPTS[:4]))
+    assert ours == want
+    assert all(u["prompt_tokens"] + u["completion_tokens"] == CTX - 2 for _, u in ours), ours
     assert_no_slot_held(servers[1])
 
 
