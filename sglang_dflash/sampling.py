@@ -24,7 +24,7 @@ normalised fp32 distribution (what SGLang's multinomial over the filtered weight
 from). Greedy rows (top_k 1) are the argmax and never come here.
 
 The torch definition is tested against SGLang's own function; the flashinfer one follows
-the acceptance tests of flashinfer's CUDA kernels (``TopKTopPSamplingFromProbKernel``:
+the acceptance conditions of flashinfer's CUDA kernels (``TopKTopPSamplingFromProbKernel``:
 ``count_gt < k && mass_gt < top_p``; ``MinPSamplingFromProbKernel``: ``p >= max * min_p``)
 and is not run against them here (no GPU, no flashinfer on CPU); where a kernel breaks a
 tie at the top-k boundary its own way, the two can differ on exactly tied probabilities.
