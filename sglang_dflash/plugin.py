@@ -87,6 +87,7 @@ ADD_SPECULATIVE_STATE = ("sglang.srt.managers.scheduler_components.internal_stat
                          "SchedulerInternalStateController._add_speculative")
 # the key of /server_info's internal_states[i] that holds the worker's acceptance counts
 SERVER_INFO_KEY = "dflash_acceptance"
+REQ_ROW_EXTRA = "sglang.srt.mem_cache.allocation_sizing.get_req_to_token_extra_context_len"
 # the DFLASH server-args defaults SGLang's _handle_dflash declares, which ours keeps
 DFLASH_DEFAULT_MAX_RUNNING_REQUESTS = 48
 
@@ -130,6 +131,7 @@ def load() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     HookRegistry.register(CREATE_WORKER, make_create_worker_hook(route), HookType.AROUND)
+    HookRegistry.register(REQ_ROW_EXTRA, req_row_extra_for_dflash, HookType.AROUND)
     if route:
         HookRegistry.register(HANDLE_DFLASH, handle_dflash_args, HookType.AROUND)
     HookRegistry.register(VALIDATE_REQUEST, validate_one_request, HookType.AROUND)
@@ -274,6 +276,31 @@ def add_dflash_acceptance(original: Callable, controller, state: dict) -> None:
 
     if isinstance(worker, DFlashWorker):
         state[SERVER_INFO_KEY] = worker.acceptance_report()
+
+
+def req_row_extra_for_dflash(original: Callable) -> int:
+    """``req_to_token`` row headroom past the context length, wide enough for DFLASH.
+
+    Before each DFLASH decode step ``DFlashDraftInputV2.prepare_for_decode`` reserves
+    slots up to ``kv_committed_len + 2 * W`` (W = ``speculative_num_draft_tokens``, the
+    verify width; rounded up to a page), and a request still decoding has
+    ``kv_committed_len`` below ``context_len``. SGLang 0.5.23 sizes the rows for that
+    reserve only when pages are wider than 1 (``4 + W`` at page 1),
+    so near the context its slot-table write runs past the row end (into the next
+    request's row, or past the table) and the release at finish, which reads the row,
+    never frees those slots: a leak, then SGLang's idle leak check stops the server.
+    Whatever worker DFLASH routes to.
+    """
+    from sglang.srt.mem_cache.allocation_sizing import get_alloc_page_size
+    from sglang.srt.runtime_context import get_spec
+    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+    extra = original()
+    spec = get_spec()
+    if spec.speculative_algorithm is None or not SpeculativeAlgorithm.from_string(
+            spec.speculative_algorithm).is_dflash():
+        return extra
+    return max(extra, 2 * int(spec.speculative_num_draft_tokens) + get_alloc_page_size() - 1)
 
 
 def add_kimi_dflash_capture() -> None:

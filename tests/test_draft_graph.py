@@ -291,7 +291,7 @@ def _constexpr(binding, name):
 
 
 def test_worker_config_takes_the_graph_buckets_and_refuses_graphs_off_cuda():
-    base = dict(drafter_path="drafter", block_size=16, device="cuda:0", tp_size=1, pp_size=1,
+    base = dict(drafter_path="drafter", verify_width=16, device="cuda:0", tp_size=1, pp_size=1,
                 dp_attention=False, topk=None, draft_window_size=None, hierarchical_cache=False,
                 disaggregation_mode="null", unified_memory=False, lora=False, adaptive=False, ops_env=None)
     assert worker_config(ServerSettings(**base)).cuda_graph_bs is None

@@ -346,3 +346,19 @@ def test_route_off_gives_builtin_worker(fresh_routes):
     # the built-in worker gets the Kimi-Linear capture too
     assert got["kimi_capture"]
     assert got["server_info"] == {"avg_spec_accept_length": 2.5}
+
+
+def test_req_to_token_rows_hold_the_dflash_reserve(monkeypatch):
+    """DFLASH reserves committed + 2 x W slots (W the verify width) (page-rounded) before each decode step; the
+    rows must hold that much past the context, or the reserve overruns the row and leaks."""
+    import types
+
+    import sglang.srt.mem_cache.allocation_sizing as sizing
+    import sglang.srt.runtime_context as runtime
+
+    for algorithm, page, original, want in (("DFLASH", 1, 20, 32), ("DFLASH", 4, 35, 35),
+                                            ("EAGLE", 1, 20, 20), (None, 1, 4, 4)):
+        spec = types.SimpleNamespace(speculative_algorithm=algorithm, speculative_num_draft_tokens=16)
+        monkeypatch.setattr(runtime, "get_spec", lambda spec=spec: spec)
+        monkeypatch.setattr(sizing, "get_alloc_page_size", lambda page=page: page)
+        assert plugin.req_row_extra_for_dflash(lambda original=original: original) == want, (algorithm, page)

@@ -15,23 +15,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close
 
 from sglang_dflash.backend import get_ops
-from sglang_dflash.reference.sampling import SamplingParams, probs_from_logits
+from sglang_dflash.reference.sampling import SamplingParams
+from sglang_dflash.sampling import TOP_K_ALL, RowSampling
 from sglang_dflash.worker.settings import ServerSettings, worker_config
 from sglang_dflash.worker.steps import (
-    RowSampling,
     accept_block,
     block_inputs,
     extend_positions,
     mamba_steps_to_track,
     spec_outputs,
-    verify_probs,
 )
 
 OPS = get_ops("torch")
-TOP_K_ALL = 1 << 30  # SGLang's "no top-k"
 
 
 # ---- tensor steps ----
@@ -63,52 +60,6 @@ def test_block_inputs_read_the_reserved_slots():
     assert torch.equal(cache_loc, torch.tensor([[1085, 1086], [1017, 1018]]))
     with pytest.raises(ValueError, match=r"verify width 5 must lie in 2\.\.4"):
         block_inputs(torch.tensor([1]), torch.tensor([0]), torch.tensor([0]), req_to_token, 99, 4, 5)
-
-
-def _rows(params, max_top_k=None, need_top_p=True):
-    return RowSampling(
-        temperatures=torch.tensor([p.temperature for p in params]),
-        top_ks=torch.tensor([p.top_k or TOP_K_ALL for p in params]),
-        top_ps=torch.tensor([p.top_p for p in params]),
-        min_ps=torch.zeros(len(params)),
-        need_top_k=any(p.top_k for p in params), max_top_k=max_top_k, need_top_p=need_top_p, need_min_p=False,
-    )
-
-
-ANY_K = [SamplingParams(temperature=0.7), SamplingParams(temperature=1.3, top_k=5),
-         SamplingParams(temperature=1.0, top_p=0.8), SamplingParams(temperature=0.5, top_k=4, top_p=0.6),
-         SamplingParams(temperature=2.0, top_k=3)]
-FINITE_K = [SamplingParams(temperature=0.7, top_k=9), SamplingParams(temperature=1.3, top_k=5),
-            SamplingParams(temperature=1.0, top_k=7, top_p=0.8),
-            SamplingParams(temperature=0.5, top_k=4, top_p=0.6), SamplingParams(temperature=2.0, top_k=3)]
-NO_TOP_P = [SamplingParams(temperature=0.7), SamplingParams(temperature=1.3, top_k=5)]
-
-
-@pytest.mark.parametrize("V", [50, 257], ids=["V50", "V257"])
-@pytest.mark.parametrize("params,max_top_k,need_top_p", [
-    (ANY_K, None, True), (FINITE_K, 9, True), (FINITE_K, 20, True), (FINITE_K, None, True),
-    (NO_TOP_P, None, False),
-], ids=["any-k", "k-bound-exact", "k-bound-loose", "finite-k-no-bound", "no-top-p"])
-def test_verify_probs_match_the_reference_row_by_row(V, params, max_top_k, need_top_p):
-    torch.manual_seed(V)
-    logits = torch.randn(len(params), 3, V) * 3
-    # six tied maxima: a top-k of 4 (and of 3) must keep all of them
-    logits[len(params) // 2:, :, :6] = 9.0
-    out = verify_probs(logits, _rows(params, max_top_k, need_top_p))
-    assert out.dtype == torch.float32
-    for b, p in enumerate(params):
-        ref = probs_from_logits(logits[b], p)
-        assert_close(f"probs row {b}", ref, out[b], 1e-6)
-        assert torch.equal(ref > 0, out[b] > 0)
-    assert (out[len(params) // 2:, :, :6] > 0).all()
-
-
-def test_verify_probs_min_p_is_relative_to_the_top_token():
-    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
-    rows = RowSampling(torch.ones(1), torch.tensor([TOP_K_ALL]), torch.ones(1), torch.tensor([0.2]),
-                       need_top_k=False, need_top_p=False, need_min_p=True)
-    out = verify_probs(probs.log().view(1, 1, 4), rows)
-    assert_close("min_p", torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95, out.view(4), 1e-6)
 
 
 def test_accept_block_greedy_scenarios():
@@ -178,12 +129,14 @@ def test_worker_config_defaults_and_backend_choice():
     assert (cfg.drafter_path, cfg.verify_width, cfg.op_backend, cfg.tp_size) == ("drafter", 16, "triton", 1)
     assert worker_config(_settings(device="cpu")).op_backend == "torch"
     assert worker_config(_settings(ops_env="torch", topk=1)).op_backend == "torch"
+    assert worker_config(_settings()).sampling_backend == "pytorch"
+    assert worker_config(_settings(sampling_backend="flashinfer")).sampling_backend == "flashinfer"
 
 
 def test_worker_config_refuses_every_unsupported_setting_at_once():
     bad = dict(drafter_path=None, verify_width=1, pp_size=2, dp_attention=True, topk=4, draft_window_size=512,
                hierarchical_cache=True, disaggregation_mode="decode", unified_memory=True, lora=True,
-               adaptive=True, ops_env="cuda")
+               adaptive=True, ops_env="cuda", sampling_backend="ascend")
     with pytest.raises(ValueError) as err:
         worker_config(_settings(**bad))
     message = str(err.value)
@@ -191,7 +144,7 @@ def test_worker_config_refuses_every_unsupported_setting_at_once():
                    "--enable-dp-attention", "--speculative-eagle-topk must be 1, got 4",
                    "--speculative-draft-window-size", "--enable-hierarchical-cache",
                    "--disaggregation-mode decode", "--enable-unified-memory", "--enable-lora",
-                   "--speculative-adaptive", "SGLANG_DFLASH_OPS='cuda'"):
+                   "--speculative-adaptive", "SGLANG_DFLASH_OPS='cuda'", "--sampling-backend ascend"):
         assert needle in message, needle
     assert message.count("\n  - ") == len(bad)
 

@@ -14,13 +14,14 @@ from sglang.srt.managers.utils import GenerationBatchResult
 from sglang.srt.runtime_context import get_parallel, mamba_track_grid
 from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 from sglang.srt.speculative.dflash_info_v2 import DFlashDraftInputV2
-from sglang.srt.speculative.dflash_utils import apply_dflash_verify_logits_adjustments
 from sglang.srt.speculative.draft_worker_common import make_draft_input_v2
 from sglang.srt.speculative.spec_sampling_mask import SpeculativeSamplingMaskCapture
 from sglang.srt.speculative.spec_utils import GrammarTree, build_grammar_vocab_mask
 
 from ..kernels.draft_attention import sm_count
 from .draft_graph import CudaGraphCapture, DraftParts, DraftRunner
+from .history import OutputHistory
+from .logits import apply_custom_processors, block_penalties, history_frequency, penalise_block
 from .settings import WorkerConfig, read_server_settings, worker_config
 from .stats import AcceptanceCounter
 from .steps import (
@@ -92,6 +93,7 @@ class DFlashWorker(BaseSpecWorker):
         self.pool = None
         self.pool_slots = 0
         self.draft_runner = None
+        self.history: OutputHistory | None = None
         self.commit_linear_state = False
         logger.info("DFlash worker: drafter %s, block %d, verify width %d, ops %s, tp %d", cfg.drafter_path,
                     self.block_size, self.verify_width, cfg.op_backend, cfg.tp_size)
@@ -111,6 +113,7 @@ class DFlashWorker(BaseSpecWorker):
             drafter=self.drafter, pool=self.pool, embed=self.target.embed_tokens, head=self._greedy_tokens,
             req_to_token=req_to_token_pool.req_to_token, mask_token_id=self.mask_token_id,
             block_size=self.block_size, verify_width=self.verify_width))
+        self.history = OutputHistory(req_to_token_pool.req_to_token.shape[0], self.verify_width, self.device)
 
     def init_attention_backends(self):
         self.commit_linear_state = self.target.has_linear_state()
@@ -183,6 +186,7 @@ class DFlashWorker(BaseSpecWorker):
         self.drafter.append_context(self.pool, features, positions, batch.out_cache_loc)
         # the overlap scheduler would copy it to the host otherwise
         out.logits_output.hidden_states = None
+        self._start_history(batch, out)
         out.next_draft_input = make_draft_input_v2(bonus_tokens=out.next_token_ids, new_seq_lens=batch.seq_lens)
         return out
 
@@ -219,11 +223,12 @@ class DFlashWorker(BaseSpecWorker):
 
         target_out = self.target.verify(batch, candidates, positions, cache_loc)
         logits_output = target_out.logits_output
-        logits = self._verify_logits(batch, logits_output, grammar_tree, grammar_barrier)
+        logits, penalties = self._verify_logits(batch, logits_output, candidates, grammar_tree, grammar_barrier)
         sampling, greedy_rows = row_sampling(batch.sampling_info)
         accept_len, emitted = accept_block(self.drafter.ops, candidates, logits.reshape(B, W, -1),
-                                           sampling, greedy_rows)
+                                           sampling, greedy_rows, self.cfg.sampling_backend)
         out = spec_outputs(accept_len, emitted, seq_lens)
+        self.history.commit(batch.req_pool_indices, emitted, out.commit_lens, history_frequency(penalties))
         # requests asking for the support of their sampling distribution (return_sampling_mask)
         capture = SpeculativeSamplingMaskCapture.from_logits(
             batch.sampling_info, next_token_logits=logits, draft_input=draft_input, draft_token_num=W, bs=B)
@@ -278,19 +283,39 @@ class DFlashWorker(BaseSpecWorker):
         # highest logit over the shards, ties to the lowest token id (one full-vocab argmax)
         return self.drafter.ops.combine_shards(gathered_max.view(P, T), gathered_ids.view(P, T))
 
-    def _verify_logits(self, batch, logits_output, grammar_tree, grammar_barrier) -> torch.Tensor:
-        """[B*W, V] verify logits after SGLang's per-request adjustments and grammar masks."""
+    def _verify_logits(self, batch, logits_output, candidates, grammar_tree, grammar_barrier):
+        """([B*W, V] verify logits adjusted as plain decoding adjusts each position's
+        (worker/logits.py), the batch's penalties or None)."""
         logits = logits_output.next_token_logits
-        if batch.sampling_info is not None:
-            # penalties, logit bias and custom logit processors, as SGLang's sampler applies them
-            apply_dflash_verify_logits_adjustments(
-                next_token_logits=logits, sampling_info=batch.sampling_info, draft_token_num=self.verify_width)
+        B, W = candidates.shape
+        block = logits.view(B, W, -1)
+        info = batch.sampling_info
+        penalties = None if info is None else block_penalties(batch.reqs, block.shape[-1], self.device)
+        if penalties is not None:
+            penalise_block(block, candidates, batch.seq_lens, penalties, self.history, batch.req_pool_indices)
         if grammar_tree is not None:
-            mask = build_grammar_vocab_mask(reqs=batch.reqs, tree=grammar_tree, sampling_info=batch.sampling_info,
+            mask = build_grammar_vocab_mask(reqs=batch.reqs, tree=grammar_tree, sampling_info=info,
                                             device=logits.device, barrier=grammar_barrier)
             if mask is not None:
                 mask.apply(logits)
-        return logits
+        if info is not None and info.logit_bias is not None:
+            # fp32 bias onto the logits in their dtype, as the plain sampler adds it
+            block.add_(info.logit_bias[:, None, :])
+        if info is not None and info.has_custom_logit_processor:
+            outputs = self.history.outputs_so_far(batch.reqs, batch.req_pool_indices, batch.seq_lens)
+            apply_custom_processors(block, info, batch.reqs, outputs, candidates.tolist())
+        return logits, penalties
+
+    def _start_history(self, batch, out) -> None:
+        """A new output history for each request of an extend batch (worker/history.py)."""
+        reqs = batch.reqs
+        penalised = any(p.frequency_penalty or p.presence_penalty or p.repetition_penalty != 1.0
+                        for p in (r.sampling_params for r in reqs))
+        frequency = torch.tensor([r.sampling_params.frequency_penalty for r in reqs], dtype=torch.float32)
+        # a penalised request comes with SGLang's sampling info, which knows the vocabulary
+        vocab = batch.sampling_info.vocab_size if penalised else 0
+        self.history.start(batch.req_pool_indices, out.next_token_ids, [list(r.output_ids) for r in reqs],
+                           frequency.to(self.device), penalised, vocab)
 
     def _commit_linear_state(self, batch, seq_lens_pre: torch.Tensor, out: SpecOutputs) -> None:
         steps_to_track = None

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 from ..backend import BACKENDS
+from ..sampling import BACKEND_DEFINITIONS
 
 # op backend: "triton" kernels or "torch" twins; unset = triton on CUDA, torch elsewhere
 OPS_ENV = "SGLANG_DFLASH_OPS"
@@ -39,6 +40,7 @@ class ServerSettings:
     # batch sizes SGLang captures decode CUDA graphs for; None: decode graphs disabled
     # (--disable-cuda-graph or --cuda-graph-backend-decode disabled)
     cuda_graph_bs: tuple[int, ...] | None = None
+    sampling_backend: str = "pytorch"  # --sampling-backend, as SGLang resolved it
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class WorkerConfig:
     tp_size: int
     # draft CUDA graph buckets (SGLang's decode batch sizes); None: the draft runs eagerly
     cuda_graph_bs: tuple[int, ...] | None = None
+    # --sampling-backend: its top-k / top-p / min-p define a sampled request's distribution
+    sampling_backend: str = "pytorch"
 
 
 def read_server_settings(device: str) -> ServerSettings:
@@ -77,6 +81,7 @@ def read_server_settings(device: str) -> ServerSettings:
         adaptive=bool(spec.speculative_adaptive),
         ops_env=os.environ.get(OPS_ENV),
         cuda_graph_bs=graph_bs,
+        sampling_backend=str(get_exec().kernel.sampling_backend),
     )
 
 
@@ -103,6 +108,9 @@ def _problems(s: ServerSettings) -> list[str]:
         (s.cuda_graph_bs is not None and not s.device.startswith("cuda"),
          f"the DFlash draft captures CUDA graphs, which need a CUDA device (device {s.device}); "
          "pass --disable-cuda-graph"),
+        (s.sampling_backend not in BACKEND_DEFINITIONS,
+         f"--sampling-backend {s.sampling_backend} is not supported: the sampled verify follows the "
+         f"filters of {sorted(BACKEND_DEFINITIONS)}"),
     ]
     return [message for refused, message in refusals if refused]
 
@@ -114,4 +122,5 @@ def worker_config(s: ServerSettings) -> WorkerConfig:
         raise ValueError("DFlash worker cannot start:\n" + "\n".join(f"  - {p}" for p in problems))
     backend = s.ops_env or ("triton" if s.device.startswith("cuda") else "torch")
     return WorkerConfig(drafter_path=s.drafter_path, verify_width=int(s.verify_width),
-                        op_backend=backend, tp_size=s.tp_size, cuda_graph_bs=s.cuda_graph_bs)
+                        op_backend=backend, tp_size=s.tp_size, cuda_graph_bs=s.cuda_graph_bs,
+                        sampling_backend=s.sampling_backend)

@@ -11,6 +11,7 @@ reference loop (``reference/loop.py``), which is the specification of the step:
                  (``draft_graph``)
   accept         greedy rows through ``accept_greedy``, sampled rows through
                  ``accept_sampled``; probabilities as SGLang's sampler defines them
+                 (``sglang_dflash.sampling``, for the server's sampling backend)
   outputs        what the scheduler reads back: emitted tokens, ``accept_lens``
                  (= ``commit_len``), the next bonus and the next ``seq_lens``
 
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..backend import Ops
+from ..sampling import RowSampling, target_probs
 
 
 def extend_positions(prefix_lens: list[int], extend_lens: list[int], device) -> torch.Tensor:
@@ -81,67 +83,13 @@ def block_inputs(
     return block_ids, positions, cache_loc
 
 
-@dataclass(frozen=True)
-class RowSampling:
-    """Per-request sampling parameters as SGLang's ``SamplingBatchInfo`` holds them, with
-    its host-side flags, which let ``verify_probs`` skip the filters no row uses."""
-
-    temperatures: torch.Tensor  # [B] > 0 (greedy rows carry 1.0 and top_k 1)
-    top_ks: torch.Tensor  # [B] >= 1; values >= V mean no top-k
-    top_ps: torch.Tensor  # [B] in (0, 1]
-    min_ps: torch.Tensor  # [B] in [0, 1); 0 disables min-p
-    need_top_k: bool = True
-    # host bound on every row's top_k (None: unknown, or some row keeps the whole vocab)
-    max_top_k: int | None = None
-    need_top_p: bool = True
-    need_min_p: bool = True
-
-
-def _descending(x: torch.Tensor, bound: int | None) -> torch.Tensor:
-    """x sorted descending on the last dim, or only its ``bound`` largest values."""
-    if bound is not None and bound < x.shape[-1]:
-        return x.topk(bound, dim=-1).values
-    return x.sort(dim=-1, descending=True).values
-
-
-def verify_probs(logits: torch.Tensor, sampling: RowSampling) -> torch.Tensor:
-    """probs [B, L, V] fp32: temperature, then top-k, softmax, top-p, then min-p.
-
-    Row by row this is ``reference.sampling.probs_from_logits`` (ties at the top-k and
-    top-p boundaries keep every tied token), plus SGLang's min-p, applied last. With a
-    top-k bound K, only the K largest values are sorted: every token past them has
-    probability 0 after top-k, so top-p never needs them.
-    """
-    B, L, V = logits.shape
-    scaled = logits.float() / sampling.temperatures.float().view(B, 1, 1)
-    bound = sampling.max_top_k if sampling.need_top_k else None
-    if sampling.need_top_k:
-        head = _descending(scaled, bound)
-        k = sampling.top_ks.to(torch.int64).clamp(1, head.shape[-1]).view(B, 1, 1).expand(B, L, 1)
-        scaled = scaled.masked_fill(scaled < head.gather(-1, k - 1), float("-inf"))
-    probs = torch.softmax(scaled, dim=-1)
-
-    if sampling.need_top_p:
-        top_p = sampling.top_ps.float().view(B, 1, 1)
-        sorted_probs = _descending(probs, bound)
-        # mass strictly before each sorted token; top_p == 1 keeps all (cumsum may round up)
-        before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        keep = (before < top_p) | (top_p >= 1.0)
-        threshold = sorted_probs.masked_fill(~keep, float("inf")).min(dim=-1, keepdim=True).values
-        probs = probs.masked_fill(probs < threshold, 0.0)
-
-    if sampling.need_min_p:
-        min_p = sampling.min_ps.float().view(B, 1, 1)
-        probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
-    return probs / probs.sum(dim=-1, keepdim=True)
-
-
 def accept_block(
     ops: Ops,
     candidates: torch.Tensor,  # [B, L]
     logits: torch.Tensor,  # [B, L, V] target logits after each candidate
-    sampling: RowSampling | None,  # None: every row is greedy
+    sampling: RowSampling | None,  # [B] rows; None: every row is greedy
     greedy_rows: torch.Tensor | None,  # [B] bool, needed when some rows sample
+    sampling_backend: str = "pytorch",  # --sampling-backend, whose filters define p
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """accept_len [B] int64, emitted [B, L] int64 (-1 past commit_len).
 
@@ -159,7 +107,8 @@ def accept_block(
         accept_len, emitted, _ = ops.accept_greedy(candidates, logits.argmax(dim=-1), remaining, stops)
         return accept_len.to(torch.int64), emitted.to(torch.int64)
 
-    probs = verify_probs(logits, sampling)
+    V = logits.shape[-1]
+    probs = target_probs(logits.reshape(B * L, V), sampling.repeat_rows(L), sampling_backend).view(B, L, V)
     u_accept = torch.rand((B, L), dtype=torch.float32, device=device)
     u_sample = torch.rand((B,), dtype=torch.float32, device=device)
     accept_len, emitted, _ = ops.accept_sampled(candidates, probs, u_accept, u_sample, remaining, stops)
