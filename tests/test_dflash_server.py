@@ -16,7 +16,6 @@ server down and fail every later test; the last test also reads the pool directl
 
 from __future__ import annotations
 
-import http.client
 import json
 import random
 import shutil
@@ -222,35 +221,9 @@ def test_sampled_and_greedy_requests_in_one_batch(plain, spec):
             assert m["output_ids"] == g["output_ids"], f"greedy request {i} beside sampled ones"
 
 
-def hang_up_mid_stream(server: Server, ids: list[int], chunks: int) -> int:
-    """Start a long streamed generation, read ``chunks`` events, close the connection."""
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
-    body = {"input_ids": ids, "stream": True,
-            "sampling_params": {"max_new_tokens": 1000, "temperature": 0, "ignore_eos": True}}
-    conn.request("POST", "/generate", json.dumps(body), {"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    seen = 0
-    while seen < chunks:
-        line = resp.readline()
-        assert line, "stream ended early"
-        seen += line.startswith(b"data:")
-    conn.close()
-    return seen
-
-
-def wait_idle(server: Server, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        load = server.get("/v1/loads")["loads"][0]
-        if load["num_running_reqs"] == 0 and load["num_waiting_reqs"] == 0:
-            return load
-        time.sleep(0.5)
-    raise AssertionError(f"server still busy after {timeout} s: {load}")
-
-
 def test_client_hang_up_aborts_the_request(plain, spec):
-    hang_up_mid_stream(spec, PROMPTS[0], chunks=3)
-    wait_idle(spec)
+    spec.hang_up_mid_stream(PROMPTS[0], chunks=3)
+    spec.wait_idle()
     # the server keeps serving, and what follows is still exact
     b, o = plain.generate(PROMPTS[1], 24)[0], spec.generate(PROMPTS[1], 24)[0]
     assert o["output_ids"] == b["output_ids"]
@@ -258,9 +231,9 @@ def test_client_hang_up_aborts_the_request(plain, spec):
 
 def assert_no_slot_held(server: Server) -> None:
     """Once idle and with the radix cache flushed, the KV pool holds no slot."""
-    wait_idle(server)
+    server.wait_idle()
     assert server.post_text("/flush_cache", {})[0].startswith("Cache flushed")
-    load = wait_idle(server)
+    load = server.wait_idle()
     assert load["num_used_tokens"] == 0, load
 
 

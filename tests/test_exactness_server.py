@@ -25,7 +25,6 @@ penalised output is not the definition. Everything else is the same either way.
 from __future__ import annotations
 
 import time
-import urllib.error
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -91,18 +90,9 @@ def servers(tmp_path_factory):
     plain.stop()
 
 
-def answer(server: Server, ids: list[int], sampling: dict) -> tuple[int, list[int] | None]:
-    """(HTTP status, output ids) of one /generate."""
-    try:
-        out, _ = server.post("/generate", {"input_ids": ids, "sampling_params": sampling})
-    except urllib.error.HTTPError as err:
-        return err.code, None
-    return 200, out["output_ids"]
-
-
 def answer_all(server: Server, requests: list[tuple[list[int], dict]]) -> list[tuple[int, list[int] | None]]:
     with ThreadPoolExecutor(CONCURRENCY) as pool:
-        return list(pool.map(lambda r: answer(server, *r), requests))
+        return list(pool.map(lambda r: server.answer(*r), requests))
 
 
 def greedy(**params) -> dict:

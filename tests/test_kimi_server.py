@@ -9,13 +9,15 @@ the machine:
 - ``intermediate``: SGLang's verify keeps every block step's state and scatters the
   accepted one (the default), with the mamba pool capped at 6 slots;
 - ``replayssm``: ``--enable-linear-replayssm-spec``, the verify writes a ring of its inputs
-  and the commit replays the accepted prefix;
+  and the commit replays the accepted prefix; this one verifies W = 6 of the 16 drafted
+  positions (``--speculative-num-draft-tokens 6``), the others all 16;
 - ``radix``: radix caching of linear state (``no_buffer``), with real prefix hits.
 
 Every DFlash answer must equal the plain one; every request's verify steps must be the
-teacher-forced walk of the pair over the plain greedy continuation (count, histogram of
+teacher-forced walk ("draft 16, verify W") of the pair over the plain greedy continuation (count, histogram of
 accepted drafts, tokens); the plain server itself must serve the reference target's
-greedy tokens. The mamba state pool is read while requests run: one slot per running
+greedy tokens, also for requests ending in the last two blocks before the context length
+(512 here). The mamba state pool is read while requests run: one slot per running
 DFlash request in every configuration, and as many requests at once as SGLang's
 ``max_mamba_cache_size // slots-per-request`` rule allows. After each server: no KV slot
 held after a flush, every mamba state slot free again (counted through the dev
@@ -25,8 +27,6 @@ workload runs in one fixture; the tests assert on what it collected.
 
 from __future__ import annotations
 
-import http.client
-import json
 import random
 import re
 import threading
@@ -46,16 +46,22 @@ pytestmark = pytest.mark.slow
 BLOCK = 16
 CONCURRENCY = 8
 MAX_NEW = 40  # not a multiple of the block: a last step cut by max_new_tokens
-COMMON_ARGS = ("--max-total-tokens", "8192", "--max-running-requests", "16", "--sleep-on-idle")
+CTX = 512  # short, so that requests reach the context length cheaply
+COMMON_ARGS = ("--max-total-tokens", "8192", "--max-running-requests", "16", "--sleep-on-idle",
+               "--context-length", str(CTX))
 PLAIN_ARGS = ("--disable-radix-cache",)
 SPEC_ARGS = ("--speculative-algorithm", "dflash", "--speculative-draft-model-path", str(DRAFTER_DIR))
 CONFIGS = {
     "intermediate": ("--disable-radix-cache", "--max-mamba-cache-size", "6"),
-    "replayssm": ("--disable-radix-cache", "--enable-linear-replayssm-spec", "--linear-replayssm-cache-len", "32"),
+    "replayssm": ("--disable-radix-cache", "--enable-linear-replayssm-spec", "--linear-replayssm-cache-len", "32",
+                  "--speculative-num-draft-tokens", "6"),
     # room for the states the radix cache keeps, so that the prompts below still hit
     "radix": ("--mamba-radix-cache-strategy", "no_buffer", "--disable-overlap-schedule",
               "--max-mamba-cache-size", "45"),
 }
+# the verify width W of each: the drafter drafts its block of 16, the target verifies the
+# first W positions (``--speculative-num-draft-tokens``)
+WIDTH = {"intermediate": BLOCK, "replayssm": 6, "radix": BLOCK}
 # requests SGLang runs at once for a given --max-mamba-cache-size: the pool divided by its
 # slots per request, 1 without radix cache and 3 with it (kv_cache_configurator.py,
 # resolve_max_num_reqs / _calculate_mamba_ratio); with neither, --max-running-requests
@@ -78,7 +84,19 @@ def corpus_prompts(n: int, seed: int = 11) -> list[list[int]]:
 
 
 PROMPTS = [encode(p) for p in DEMO_PROMPTS] + corpus_prompts(18)
+# prompts of every length from CTX - 2 x BLOCK to CTX asking for the rest of the context (the
+# verify reserves 2 blocks past the committed length), and short prompts generating up to it
+_COUNT = [BOS] + list(("count: " + " ".join(str(i) for i in range(200))).encode())
+NEAR_CONTEXT = [(_COUNT[:n], {"max_new_tokens": max(CTX - n, 1), "temperature": 0, "ignore_eos": True})
+                for n in range(CTX - 2 * BLOCK, CTX + 1)]
+NEAR_CONTEXT += [(p, {"max_new_tokens": CTX - len(p), "temperature": 0, "ignore_eos": True}) for p in PROMPTS[:2]]
 PREFIX_PROMPTS = [PROMPTS[i] + PREFIX_SUFFIX for i in PREFIX_BASES]
+
+
+def answer_all(server: Server, requests) -> list[tuple[int, list[int] | None]]:
+    """(status, output ids) of each (input ids, sampling params) request, a refusal included."""
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        return list(pool.map(lambda r: server.answer(*r), requests))
 
 
 def generate_all(server: Server, prompts, n: int, **params) -> list[dict]:
@@ -102,37 +120,12 @@ def slots(server: Server) -> dict:
     return server.get("/server_info")["internal_states"][0]["dev_mamba_slots"]
 
 
-def wait_idle(server: Server, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        load = server.get("/v1/loads")["loads"][0]
-        if load["num_running_reqs"] == 0 and load["num_waiting_reqs"] == 0:
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"server still busy after {timeout} s: {load}")
-
-
 def flushed_state(server: Server) -> tuple[int, dict]:
     """(KV slots in use, the mamba pool) once idle and with the radix cache flushed."""
-    wait_idle(server)
+    server.wait_idle()
     assert server.post_text("/flush_cache", {})[0].startswith("Cache flushed")
-    wait_idle(server)
+    server.wait_idle()
     return server.get("/v1/loads")["loads"][0]["num_used_tokens"], slots(server)
-
-
-def hang_up_mid_stream(server: Server, ids: list[int], chunks: int) -> None:
-    """Start a long streamed generation, read ``chunks`` events, close the connection."""
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
-    body = {"input_ids": ids, "stream": True,
-            "sampling_params": {"max_new_tokens": 1000, "temperature": 0, "ignore_eos": True}}
-    conn.request("POST", "/generate", json.dumps(body), {"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    seen = 0
-    while seen < chunks:
-        line = resp.readline()
-        assert line, "stream ended early"
-        seen += line.startswith(b"data:")
-    conn.close()
 
 
 def sample_slots_while(server: Server, work) -> list[dict]:
@@ -173,6 +166,7 @@ def plain(tmp_path_factory):
         out["prefix"] = generate_all(srv, PREFIX_PROMPTS, MAX_NEW)
         out["completions"] = [completion(srv, p, **{"max_tokens": 48, **extra}) for p, extra in STOP_CASES]
         out["chats"] = [chat(srv, c) for c in CHATS]
+        out["near_context"] = answer_all(srv, NEAR_CONTEXT)
         out["after"] = flushed_state(srv)
         out["log"] = srv.log.read_text(errors="replace")
     finally:
@@ -192,6 +186,7 @@ def run_dflash_server(name: str, log) -> dict:
         out["completions"] = [completion(srv, p, **{"max_tokens": 48, **extra}) for p, extra in STOP_CASES]
         out["ignore_eos"] = completion(srv, "count: 41 42", max_tokens=21, ignore_eos=True)
         out["chats"] = [chat(srv, c) for c in CHATS]
+        out["near_context"] = answer_all(srv, NEAR_CONTEXT)
 
         def mixed(i: int) -> dict:
             params = dict(temperature=0.8, top_p=0.9, ignore_eos=True) if i % 2 else {}
@@ -199,8 +194,8 @@ def run_dflash_server(name: str, log) -> dict:
 
         with ThreadPoolExecutor(8) as pool:
             out["mixed"] = list(pool.map(mixed, range(8)))
-        hang_up_mid_stream(srv, PROMPTS[0], chunks=3)
-        wait_idle(srv)
+        srv.hang_up_mid_stream(PROMPTS[0], chunks=3, max_new_tokens=CTX - len(PROMPTS[0]))
+        srv.wait_idle()
         out["after_hang_up"] = srv.generate(PROMPTS[1], 24)[0]
         # more requests than the pool may run at once, long enough to be read while running
         long_run = lambda: generate_all(srv, PROMPTS[:8], 48, ignore_eos=True)  # noqa: E731
@@ -222,16 +217,17 @@ def served(request, plain, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def walks(plain):
-    """The teacher-forced walk (commit_len per block) over every plain greedy answer."""
+    """{W: the teacher-forced walk (commit_len per block) of "draft 16, verify W" over every
+    plain greedy answer}."""
     from sglang_dflash.backend import get_ops
     from sglang_dflash.reference.offline import teacher_forced_commit_lens
     from sglang_dflash.reference.tiny_pair import load_tiny_pair
 
     target, drafter = load_tiny_pair()
     prompts, answers = PROMPTS + PREFIX_PROMPTS, plain["greedy"] + plain["prefix"]
-    lens = teacher_forced_commit_lens(target, drafter, get_ops("torch"), prompts,
-                                      [a["output_ids"] for a in answers], BLOCK)
-    return dict(zip(map(tuple, prompts), lens))
+    outputs = [a["output_ids"] for a in answers]
+    return {W: dict(zip(map(tuple, prompts), teacher_forced_commit_lens(
+        target, drafter, get_ops("torch"), prompts, outputs, BLOCK, W))) for W in set(WIDTH.values())}
 
 
 def test_plain_server_serves_the_reference_target(plain):
@@ -265,7 +261,7 @@ def test_greedy_answers_equal_the_plain_server(served, plain):
 
 def test_verify_steps_are_the_teacher_forced_walk(served, walks):
     name, ours = served
-    cut_endings = set()
+    walks, cut_endings = walks[WIDTH[name]], set()
     for ids, o in zip(PROMPTS + PREFIX_PROMPTS, ours["greedy"] + ours["prefix"]):
         lens, meta = walks[tuple(ids)], o["meta_info"]
         # the server counts the token sampled by prefill too; the walk starts after it
@@ -284,7 +280,8 @@ def test_verify_steps_are_the_teacher_forced_walk(served, walks):
     steps, tokens = sum(len(walks[tuple(p)]) for p in PROMPTS), sum(sum(walks[tuple(p)]) for p in PROMPTS)
     served_len = sum(o["meta_info"]["completion_tokens"] for o in ours["greedy"]) / sum(
         o["meta_info"]["spec_verify_ct"] for o in ours["greedy"])
-    print(f"\n{name}, 24 prompts: tau {tokens / steps:.3f} tokens per verify step over {steps} steps (first "
+    assert max(n for lens in walks.values() for n in lens) == WIDTH[name], "no step used the whole width"
+    print(f"\n{name} (W {WIDTH[name]}), 24 prompts: tau {tokens / steps:.3f} tokens per verify step over {steps} steps (first "
           f"token excluded); SGLang accept length {served_len:.3f}")
 
 
@@ -310,6 +307,17 @@ def test_openai_completions_chat_and_stop_strings(served, plain):
     for b, o in zip(plain["chats"], ours["chats"]):
         assert o["choices"][0]["message"]["content"] == b["choices"][0]["message"]["content"], name
         assert o["usage"] == b["usage"], name
+
+
+def test_every_length_up_to_the_context(served, plain):
+    """Requests that end in the last blocks before the context length: the plain server's
+    answers (refusals included); the flush check of the last test finds no slot left."""
+    name, ours = served
+    for (ids, params), want, got in zip(NEAR_CONTEXT, plain["near_context"], ours["near_context"]):
+        assert got == want, f"{name}: prompt of {len(ids)} tokens, {params}"
+    ends = [len(ids) + len(out) for (ids, _), (code, out) in zip(NEAR_CONTEXT, ours["near_context"]) if code == 200]
+    # most lengths are served, and some reach the last position SGLang lets a request fill
+    assert len(ends) >= 2 * BLOCK - 5 and max(ends) >= CTX - 2, (name, ends)
 
 
 def test_sampled_requests_beside_greedy_ones(served, plain):

@@ -8,6 +8,7 @@ cores run about ten times slower than with one thread each.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -118,6 +119,38 @@ class Server:
         """SGLang's native /generate, greedy unless ``params`` say otherwise."""
         sampling = {"max_new_tokens": n, "temperature": 0, **params}
         return self.post("/generate", {"input_ids": input_ids, "sampling_params": sampling})
+
+    def answer(self, input_ids: list[int], sampling: dict) -> tuple[int, list[int] | None]:
+        """(HTTP status, output ids or None) of one /generate: a refusal is an answer too."""
+        try:
+            out, _ = self.post("/generate", {"input_ids": input_ids, "sampling_params": sampling})
+        except urllib.error.HTTPError as err:
+            return err.code, None
+        return 200, out["output_ids"]
+
+    def wait_idle(self, timeout: float = 120) -> dict:
+        """SGLang's /v1/loads once no request runs or waits; fails after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            load = self.get("/v1/loads")["loads"][0]
+            if load["num_running_reqs"] == 0 and load["num_waiting_reqs"] == 0:
+                return load
+            time.sleep(0.5)
+        raise AssertionError(f"server still busy after {timeout} s: {load}")
+
+    def hang_up_mid_stream(self, input_ids: list[int], chunks: int, max_new_tokens: int = 1000) -> None:
+        """Start a long streamed greedy generation, read ``chunks`` events, close the connection."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        body = {"input_ids": input_ids, "stream": True,
+                "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True}}
+        conn.request("POST", "/generate", json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        seen = 0
+        while seen < chunks:
+            line = resp.readline()
+            assert line, "stream ended early"
+            seen += line.startswith(b"data:")
+        conn.close()
 
     def tracebacks(self) -> list[str]:
         """The log records that carry a Python traceback, except ``BENIGN_TRACEBACKS``."""
