@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from ..backend import BACKENDS, get_ops
+from ..cli_types import int_list
 from ..acceptance import acceptance_stats
 from ..reference.offline import teacher_forced_commit_lens
 from ..reference.sampling import SamplingParams
@@ -44,7 +45,8 @@ def add_offline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--block-size", type=int, default=None,
                    help="the draft block L (default: the drafter's trained block_size)")
-    p.add_argument("--verify-width", type=_widths, default=None, metavar="W[,W...]",
+    p.add_argument("--verify-width", type=int_list(2, "verify widths", distinct_sorted=True), default=None,
+                   metavar="W[,W...]",
                    help="also walk each verify width W (2..L) as 'draft L, verify W' and as "
                         "'draft W, verify W'; adds result.json['verify_widths'] and verify_width.png")
     p.add_argument("--backend", choices=BACKENDS, default="torch")
@@ -55,16 +57,6 @@ def add_offline_args(p: argparse.ArgumentParser) -> None:
                    help="feed prompts raw instead of through the tokenizer's chat template")
     p.add_argument("--out", type=Path, default=Path("out/bench_offline"),
                    help="directory for result.json and plots")
-
-
-def _widths(text: str) -> list[int]:
-    try:
-        widths = sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-    if not widths or widths[0] < 2:
-        raise argparse.ArgumentTypeError(f"expected verify widths >= 2, got {text!r}")
-    return widths
 
 
 def _prompt_texts(args) -> list[str]:

@@ -39,6 +39,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..acceptance import from_accepted_histogram
+from ..cli_types import int_list
 from .client import RequestResult, Settings, get_json, run_request
 from .plots import write_online_plots
 
@@ -238,16 +239,6 @@ def print_table(result: dict) -> None:
               f"{f(i['p50'], '.4f'):>8} {f(i['p99'], '.4f'):>8}")
 
 
-def _levels(text: str) -> list[int]:
-    try:
-        levels = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-    if not levels or min(levels) < 1:
-        raise argparse.ArgumentTypeError(f"expected concurrency levels >= 1, got {text!r}")
-    return levels
-
-
 def add_online_args(p: argparse.ArgumentParser) -> None:
     p.description = "\n\n".join(__doc__.split("\n\n")[:2])
     p.epilog = ("Writes OUT/result.json (config, server info, every level with every field and "
@@ -271,7 +262,7 @@ def add_online_args(p: argparse.ArgumentParser) -> None:
                      help="load from the Hugging Face hub (needs `datasets` and network)")
     p.add_argument("--num-prompts", type=int, default=None,
                    help="use N prompts, taken round-robin over the prompt kinds (math, code, ...)")
-    p.add_argument("--concurrency", type=_levels, default=list(DEFAULT_LEVELS),
+    p.add_argument("--concurrency", type=int_list(1, "concurrency levels"), default=list(DEFAULT_LEVELS),
                    help="comma-separated sweep (default 1,4,16,32)")
     p.add_argument("--requests-per-level", type=int, default=None,
                    help="requests per level, prompts cycled (default max(#prompts, 2 x level))")

@@ -17,6 +17,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..cli_types import int_list
 from .acceptance_curve import Acceptance, load_acceptance
 from .cost_model import GPUS, Assumptions, Drafter, Target, draft_ms, tau_at, target_step_ms
 
@@ -159,16 +160,6 @@ def print_plan(choices: list[Choice], header: list[str]) -> None:
         print(f"  concurrency {c.concurrency:>3}:  {FLAG}: {c.verify_width}{note}")
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
-    return values
-
-
 def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.description = __doc__.split("\n\n")[1]
     p.add_argument("--acceptance", required=True, metavar="FILE.json|geometric:TAU[:L]",
@@ -177,7 +168,8 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
                         "geometric curve with the given tau at block L (default 16)")
     p.add_argument("--gpu", choices=sorted(GPUS), default="h200")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (default 1)")
-    p.add_argument("--concurrency", type=_ints, default=[1, 8, 32, 64], help="default 1,8,32,64")
+    p.add_argument("--concurrency", type=int_list(1, "concurrency levels"), default=[1, 8, 32, 64],
+                   help="default 1,8,32,64")
     p.add_argument("--context", type=int, default=Assumptions.context, help="tokens per request (default 2048)")
     p.add_argument("--routing-locality", type=float, default=0.0,
                    help="rho in [0, 1]: 0 = a request's verify tokens route independently (pessimistic, "
