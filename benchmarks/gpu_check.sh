@@ -14,7 +14,9 @@
 #    µs per step, launches per step; graph and eager candidates must be equal.
 # 4. reference_e2e.json: the reference engine on the tiny Kimi-Linear pair with the
 #    Triton and torch ops: lossless (DFlash tokens == plain greedy tokens) and tau.
-# 5. gpu_check.json: exit code of every part and the roofline table. Exit status 0 = all
+# 5. verify_cost/verify_cost.json: one Kimi-Linear MoE, KDA and MLA layer timed for decode
+#    (B tokens) and verify (B x W tokens), the table `sglang-dflash plan --cost` reads.
+# 6. gpu_check.json: exit code of every part and the roofline table. Exit status 0 = all
 #    passed; any mismatch fails its part and the script.
 # The package is staged from this checkout (kernels/ as sglang_dflash.kernels), so the
 # check needs no install and always tests the working tree.
@@ -47,6 +49,7 @@ if [ "$smoke" -eq 1 ]; then
     bench_full=()
     step_args=(--smoke --batches 3)
     e2e_args=(--device cpu --backends torch --blocks 16 --max-new 12 --prompts 2)
+    cost_args=(--shapes tiny --batch 1,2 --widths 1,3)
 else
     unset TRITON_INTERPRET
     "$python" - <<'PY' || { echo "gpu_check: torch/triton/CUDA not usable" >&2; exit 2; }
@@ -59,6 +62,7 @@ PY
     bench_full=(--only "$only")
     step_args=(--batches 1 8 32)
     e2e_args=(--device cuda)
+    cost_args=()
 fi
 
 cd "$repo"
@@ -78,7 +82,8 @@ else
 fi
 run draft_step "$python" benchmarks/draft_step_bench.py "${step_args[@]}" --out "$out"
 run reference_e2e "$python" benchmarks/reference_e2e.py "${e2e_args[@]}" --out "$out"
+run verify_cost "$python" benchmarks/verify_cost.py "${cost_args[@]}" --out "$out/verify_cost"
 
 "$python" benchmarks/gpu_check_summary.py "$out" "$start" "$smoke" \
     compile_check="$rc_compile_check" kernels_smoke="$rc_kernels_smoke" kernels="$rc_kernels" \
-    draft_step="$rc_draft_step" reference_e2e="$rc_reference_e2e"
+    draft_step="$rc_draft_step" reference_e2e="$rc_reference_e2e" verify_cost="$rc_verify_cost"

@@ -48,6 +48,7 @@ def main(argv: list[str]) -> int:
         "roofline": roofline(_load(out, "kernels.json")),
         "draft_step": step["rows"] if step else None,
         "reference_e2e": (_load(out, "reference_e2e.json") or {}).get("rows"),
+        "verify_cost": (_load(out, "verify_cost/verify_cost.json") or {}).get("rows"),
     }
     (out / "gpu_check.json").write_text(json.dumps(summary, indent=1))
     for row in summary["roofline"]:

@@ -106,7 +106,7 @@ class MoELayer:
         return ids, (w / w.sum(-1, keepdim=True) * self.s.routed_scale).to(x.dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [T, H]
-        T, k, E = x.shape[0], self.s.top_k, self.s.experts
+        k, E = self.s.top_k, self.s.experts
         ids, w = self.route(x)
         flat = ids.reshape(-1)
         order = torch.argsort(flat, stable=True)
@@ -223,7 +223,7 @@ class MLALayer:
         self.cache = torch.randn(B, context + W_max, s.latent + s.rope, device=device).to(dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [B, W, D]
-        s, (B, W, D), C = self.s, x.shape, self.context
+        s, (B, W, _), C = self.s, x.shape, self.context
         q = (x @ self.q).view(B, W, s.mla_heads, s.nope + s.rope)
         q_lat = torch.einsum("bwhn,hnl->bhwl", q[..., : s.nope], self.w_uk)
         q_full = torch.cat([q_lat, q[..., s.nope:].transpose(1, 2)], dim=-1)  # [B, h, W, latent+rope]
@@ -284,12 +284,18 @@ def measure(args, device, dtype) -> list[dict]:
 
 
 def check_moe_modes(device, dtype, shapes: Shapes) -> float:
-    """Max abs difference of the grouped GEMM against the per-expert loop (same routing)."""
+    """Max abs difference of the grouped GEMM against the per-expert loop (same routing),
+    relative to the largest output."""
     x = torch.randn(12, shapes.hidden, device=device).to(dtype)
     a = MoELayer(shapes, device, dtype, "grouped")
     b = copy.copy(a)  # the same weights
     b.mode = "loop"
-    return float((a(x).float() - b(x).float()).abs().max())
+    grouped, loop = a(x).float(), b(x).float()
+    return float((grouped - loop).abs().max() / loop.abs().max().clamp_min(1e-30))
+
+
+# grouped vs per-expert loop: the same products summed in another order
+MOE_MODES_TOLERANCE = {torch.bfloat16: 2e-2, torch.float32: 1e-4}
 
 
 def _ints(text: str) -> list[int]:
@@ -321,13 +327,17 @@ def main(argv=None) -> int:
         "torch": torch.__version__, "triton": triton.__version__, "dtype": str(dtype),
         "shapes": {"name": args.shapes, **asdict(SHAPES[args.shapes])}, "context": args.context,
         "expert_gemm": "torch._grouped_mm" if args.expert_gemm == "grouped" else "per-expert matmul loop",
-        "grouped_vs_loop_max_abs_diff": check, "kda_recurrence": args.kda_kernel,
+        "grouped_vs_loop_max_rel_diff": check, "kda_recurrence": args.kda_kernel,
         "routing": "random router weights: close to independent routing, the pessimistic case",
         "rows": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "verify_cost.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out / 'verify_cost.json'} (plan --cost reads it)")
+    if check > MOE_MODES_TOLERANCE[dtype]:
+        print(f"verify_cost: FAILED: the grouped expert GEMM differs from the per-expert loop by "
+              f"{check:.2e} of the output (allowed {MOE_MODES_TOLERANCE[dtype]:.0e})")
+        return 1
     return 0
 
 

@@ -37,6 +37,7 @@ def test_cpu_smoke_runs_every_part_without_sglang(tmp_path):
     step = summary["draft_step"][0]
     assert step["candidates_equal"] and step["meta_count"]["graph"] < step["meta_count"]["eager"]
     assert all(row["lossless"] for row in summary["reference_e2e"])
+    assert {row["layer"] for row in summary["verify_cost"]} == {"moe", "kda", "mla"}
 
 
 def test_a_failed_part_fails_the_check(tmp_path):
