@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from ..backend import BACKENDS, get_ops
 from ..acceptance import acceptance_stats
 from ..reference.offline import teacher_forced_commit_lens
@@ -22,6 +24,10 @@ from ..reference.sampling import SamplingParams
 from .plots import write_offline_plot
 
 TINY = "tiny"
+# --draft-kv-dtype: SGLang's --speculative-draft-kv-cache-dtype spellings, plus float32;
+# None keeps the drafter's own dtype
+DRAFT_KV_DTYPES = {"auto": None, "float32": torch.float32, "bf16": torch.bfloat16,
+                   "bfloat16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn}
 
 
 def add_offline_args(p: argparse.ArgumentParser) -> None:
@@ -38,6 +44,9 @@ def add_offline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--block-size", type=int, default=None, help="default: the drafter's")
     p.add_argument("--backend", choices=BACKENDS, default="torch")
+    p.add_argument("--draft-kv-dtype", choices=list(DRAFT_KV_DTYPES), default="auto",
+                   help="dtype of the draft K/V pool, as the server's --speculative-draft-kv-cache-dtype "
+                        "(auto: the drafter's dtype; fp8_e4m3: e4m3 with fixed per-(layer, KV head) scales)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the target's own modeling code (transformers targets only; "
                         "the drafter never runs checkpoint code)")
@@ -113,6 +122,8 @@ def run_offline(args) -> dict:
     texts = select_prompts(_prompt_texts(args), args.num_prompts, args.shuffle_seed)
     setup = _tiny_setup if args.target == TINY else _transformers_setup
     target, drafter, prompts, continue_greedy = setup(args, texts)
+    drafter.kv_dtype = DRAFT_KV_DTYPES[args.draft_kv_dtype]
+    pool_dtype = drafter.kv_dtype or drafter.fc.weight.dtype
     L = args.block_size or drafter.cfg.block_size
     t0 = time.time()
     continuations = []
@@ -127,6 +138,7 @@ def run_offline(args) -> dict:
         "target": args.target, "drafter": args.drafter or TINY, "block_size": L,
         "num_prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
         "shuffle_seed": args.shuffle_seed, "backend": args.backend,
+        "draft_kv_dtype": args.draft_kv_dtype, "draft_kv_pool": str(pool_dtype).removeprefix("torch."),
         "seconds": round(time.time() - t0, 3),
         **stats.to_dict(),
         "per_prompt_tau": [sum(p) / len(p) if p else 0.0 for p in lens],
@@ -143,6 +155,6 @@ def main_offline(args) -> int:
     (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     write_offline_plot(result, args.out / "acceptance.png")
     print(f"offline tau {result['tau']:.3f} over {result['steps']} steps "
-          f"({result['num_prompts']} prompts, block {result['block_size']})")
+          f"({result['num_prompts']} prompts, block {result['block_size']}, draft K/V {result['draft_kv_pool']})")
     print(f"wrote {args.out / 'result.json'} and {args.out / 'acceptance.png'}")
     return 0
