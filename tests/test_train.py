@@ -8,6 +8,7 @@ from sglang_dflash.reference.offline import teacher_forced_commit_lens
 from sglang_dflash.config import load_drafter_config
 from sglang_dflash.reference import tiny_pair
 from sglang_dflash.reference.tiny_pair import BOS, encode, load_tiny_pair
+from sglang_dflash.reference.tiny_pair import TARGET_DIR as KIMI_TARGET_DIR
 from sglang_dflash.reference.tiny_qwen3 import DRAFTER_DIR, TARGET_DIR, load_tiny_qwen3_pair
 from sglang_dflash.dev.train import DrafterShape, drafter_config, main
 
@@ -18,6 +19,7 @@ def test_train_script_writes_a_loadable_pair(tmp_path, capsys):
             "--target-steps", "1", "--drafter-steps", "2", "--drafter-seqs", "4"]
     assert main(argv) == 0
     assert "drafter step 2/2" in capsys.readouterr().out
+    assert_byte_tokenizer(target_dir)
     target, drafter = load_tiny_pair(target_dir, drafter_dir)
     assert drafter.cfg.target_layer_ids == (1, 3, 5)
     assert drafter.cfg.target_num_layers == target.config.num_hidden_layers
@@ -85,3 +87,7 @@ def test_default_shape_is_the_bundled_drafters_and_the_mha_asset_the_documented_
                                 tiny_pair.ASSETS / "tiny-dflash-mha")):
         bundled = load_drafter_config(drafter_dir)
         assert drafter_config(64, 8, shape=shape) == bundled, drafter_dir
+
+
+def test_bundled_kimi_target_has_the_byte_tokenizer():
+    assert_byte_tokenizer(KIMI_TARGET_DIR)

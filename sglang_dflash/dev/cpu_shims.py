@@ -16,13 +16,16 @@ of SGLang lacks, for tests and for a local server on a tiny model:
   way to verify on CPU is SGLang's Triton backend in the interpreter, which serves
   correctly but is far slower (a 24-prompt test run had not finished in 16 minutes
   that took 75 s on torch_native, on the same busy machine).
+- hybrid linear-attention, MLA and MoE targets (SGLang's own ``KimiLinearForCausalLM``):
+  ``kimi_shims``, each shim beside the SGLang file:line it works around.
 
 Server: ``python -m sglang_dflash.dev.cpu_shims serve --model-path DIR [sglang serve args]``
 runs ``sglang serve`` with the shims and the CPU flags (``--device cpu
 --attention-backend torch_native --disable-cuda-graph`` unless given) under
 ``TRITON_INTERPRET=1``: SGLang's Triton kernels (the KV-pool copy a speculative server
-warms up, or the whole Triton attention backend if chosen) then run in the
-interpreter. SGLang starts
+warms up, the KDA conv, or the whole Triton attention backend if chosen) then run in the
+interpreter. It also sets ``OMP_NUM_THREADS=1`` unless given: CPU servers sharing a few
+cores with default thread counts run about ten times slower. SGLang starts
 its scheduler and detokenizer with multiprocessing "spawn", which re-runs this module
 as ``__mp_main__`` in each child before anything is unpickled, so the shims are
 installed there too (the guard at the bottom).
@@ -38,7 +41,10 @@ import types
 import torch
 
 from ..torchvision_stub import install_torchvision_stub
+from .kimi_shims import install_kimi_shims
 
+# the server's (and its children's) thread count unless the environment sets one
+DEFAULT_THREADS = "1"
 CPU_SERVE_DEFAULTS = (("--device", "cpu"), ("--attention-backend", "torch_native"),
                       ("--disable-cuda-graph", None))
 
@@ -118,6 +124,7 @@ def install_cpu_shims() -> None:
     install_torchvision_stub()
     install_vllm_rotary_shim()
     install_torch_native_verify_shim()
+    install_kimi_shims()
 
 
 def cpu_serve_argv(argv: list[str]) -> list[str]:
@@ -145,6 +152,8 @@ def main(argv: list[str]) -> None:
 if __name__ in ("__main__", "__mp_main__"):
     # before any @triton.jit is created (the shims import SGLang); children inherit it
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", DEFAULT_THREADS)
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     install_cpu_shims()
 if __name__ == "__main__":
     main(sys.argv[1:])

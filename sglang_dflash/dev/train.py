@@ -49,7 +49,7 @@ from ..drafter import DFlashDrafter
 from ..reference import tiny_qwen3
 from ..reference.hf_target import HFTarget
 from ..reference.kimi_linear import KimiLinearForCausalLM, tiny_config
-from ..reference.tiny_pair import DRAFTER_DIR, EOS, PAD, TARGET_DIR, VOCAB_SIZE, encode
+from ..reference.tiny_pair import DRAFTER_DIR, EOS, PAD, TARGET_DIR, VOCAB_SIZE, encode, save_kimi_target
 
 SEQ_LEN = 80
 PROMPT_LEN = 16
@@ -172,7 +172,7 @@ RECIPES = {
         build=lambda: KimiLinearForCausalLM(tiny_config(vocab_size=VOCAB_SIZE)),
         load=lambda path: KimiLinearForCausalLM.from_pretrained(path).eval(),
         logits=lambda model, ids: model.forward_train(ids)[0], greedy=_kimi_greedy,
-        features=_kimi_features, save=lambda model, out: model.save_pretrained(out),
+        features=_kimi_features, save=save_kimi_target,
         target_layer_ids=TARGET_LAYER_IDS, drafter_max_positions=4096,
         target_dir=TARGET_DIR, drafter_dir=DRAFTER_DIR,
         target_steps=150, drafter_steps=2000, drafter_seqs=256),
