@@ -65,7 +65,7 @@ def build(geometry: dict, vocab: int, rows: int, width: int, context: int, devic
     drafter.prepare(torch.device(device))
     ops = drafter.ops
     return DraftParts(drafter, pool, embed, lambda h: ops.greedy_head(h, lm_head, 0)[1], req_to_token,
-                      cfg.mask_token_id, cfg.block_size)
+                      cfg.mask_token_id, cfg.block_size, cfg.block_size)
 
 
 def _batch(parts: DraftParts, B: int, context: int):
@@ -116,7 +116,7 @@ def meta_counts(B: int) -> dict:
         ints = torch.empty(B, dtype=torch.int64)
     ops = drafter.ops = get_ops("triton")
     parts = DraftParts(drafter, drafter.new_pool(8), embed, lambda h: ops.greedy_head(h, lm_head, 0)[1],
-                       req_to_token, cfg.mask_token_id, cfg.block_size)
+                       req_to_token, cfg.mask_token_id, cfg.block_size, cfg.block_size)
     counts = {}
 
     def capture(fn):

@@ -5,7 +5,9 @@ Every public op here has a pure-torch twin with the same signature in
 
 Glossary (one name per concept, used everywhere in the project):
 
-- ``B`` batch (requests), ``L`` block size (16 for the published drafters), ``N`` slots
+- ``B`` batch (requests), ``L`` block size (16 for the published drafters; the drafter
+  always drafts all L), ``W`` verify width (the first W block positions, 2..L, are what
+  the target verifies; ``candidates`` then hold W columns, and the ops take any width), ``N`` slots
   of a pool, ``H`` heads, ``K``/``V`` head dims of keys/values, ``D`` a head dim, ``T``
   tokens of a flat (ragged) batch, ``E`` stop ids per request.
 - ``candidates [B, L]``: the block sent to the target for verification; column 0 is the

@@ -1,4 +1,4 @@
-"""The `sglang-dflash` command: demo, check, bench, serve."""
+"""The `sglang-dflash` command: demo, check, bench, plan, serve."""
 
 from __future__ import annotations
 
@@ -40,7 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sglang-dflash",
         description="DFlash block-diffusion speculative decoding for SGLang (Kimi-Linear and "
                     "standard targets). The plugin itself needs no command: install the package "
-                    "and pass `--speculative-algorithm dflash` to `sglang serve`.",
+                    "and pass `--speculative-algorithm dflash` to `sglang serve`, with "
+                    "`--speculative-draft-model-path DRAFTER` (its config.json block_size is the "
+                    "draft block L, always drafted in full) and optionally "
+                    "`--speculative-num-draft-tokens W` (alias --speculative-dflash-block-size): the "
+                    "verify width, how many block positions the target checks, 2..L, default L; "
+                    "`sglang-dflash plan` picks it.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -69,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     offline = bench_sub.add_parser("offline", help="teacher-forced tau of a drafter on a target; JSON + plot")
     add_offline_args(offline)
     offline.set_defaults(func=main_offline)
+
+    from .plan.planner import add_plan_args, main_plan
+
+    plan = sub.add_parser("plan", help="the verify width W (--speculative-num-draft-tokens) that maximises "
+                                       "tok/s per concurrency, from an acceptance curve and a step-time "
+                                       "model of Kimi-Linear (or measured layer times); prints flag lines")
+    add_plan_args(plan)
+    plan.set_defaults(func=main_plan)
 
     from .serve import add_serve_args, main_serve
 

@@ -28,7 +28,21 @@ built-in ``DFlashWorkerV2`` back. Why this seam and not the other two:
 While DFLASH is routed here, a second hook wraps SGLang's DFLASH server-args pass
 (``speculative_hook._handle_dflash``) so that ``--device cpu`` is accepted: our worker
 runs on CPU (the end-to-end tests serve a tiny model there), SGLang's refuses it. On
-every other device SGLang's pass runs unchanged.
+every other device SGLang's pass runs unchanged. The same hook settles the verify width
+W on every device (``resolve_verify_width``): ``--speculative-num-draft-tokens`` (or its
+DFLASH alias ``--speculative-dflash-block-size``, "verify window length" in SGLang's
+help) is W, the positions the target verifies; the drafter always drafts its trained
+block L (its config.json ``block_size``), so W must lie in 2..L. Everything SGLang sizes
+from ``speculative_num_draft_tokens`` (the 2W slots reserved per request, the verify
+CUDA graphs, the result stride) then follows W.
+
+Acceptance counts in ``/server_info``: when the factory hook hands out our worker it
+also wraps ``SchedulerInternalStateController._add_speculative`` (the piece of the
+scheduler's ``get_internal_state`` that adds ``avg_spec_accept_length``) to add
+``dflash_acceptance``, the worker's per-position counts. That hook is registered and
+applied there, in the scheduler process, which has already imported the module:
+registering it in ``load()`` would make every SGLang process import the scheduler's
+internals when the hooks are applied.
 
 The same hook gives Kimi-Linear the DFLASH capture method (``add_kimi_dflash_capture``)
 whatever the routing, so the built-in worker can be compared against ours on Kimi too.
@@ -69,10 +83,16 @@ CREATE_WORKER = "sglang.srt.speculative.spec_info.SpeculativeAlgorithm.create_wo
 HANDLE_DFLASH = "sglang.srt.arg_groups.speculative_hook._handle_dflash"
 VALIDATE_REQUEST = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request"
 PARALLEL_SAMPLING = "sglang.srt.managers.io_struct.GenerateReqInput._handle_parallel_sampling"
+ADD_SPECULATIVE_STATE = ("sglang.srt.managers.scheduler_components.internal_state."
+                         "SchedulerInternalStateController._add_speculative")
+# the key of /server_info's internal_states[i] that holds the worker's acceptance counts
+SERVER_INFO_KEY = "dflash_acceptance"
+REQ_ROW_EXTRA = "sglang.srt.mem_cache.allocation_sizing.get_req_to_token_extra_context_len"
 # the DFLASH server-args defaults SGLang's _handle_dflash declares, which ours keeps
 DFLASH_DEFAULT_MAX_RUNNING_REQUESTS = 48
 
 _loaded = False
+_server_info_hooked = False
 
 
 def installed_sglang_version() -> str:
@@ -111,6 +131,7 @@ def load() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     HookRegistry.register(CREATE_WORKER, make_create_worker_hook(route), HookType.AROUND)
+    HookRegistry.register(REQ_ROW_EXTRA, req_row_extra_for_dflash, HookType.AROUND)
     if route:
         HookRegistry.register(HANDLE_DFLASH, handle_dflash_args, HookType.AROUND)
     HookRegistry.register(VALIDATE_REQUEST, validate_one_request, HookType.AROUND)
@@ -131,6 +152,7 @@ def make_create_worker_hook(route: bool) -> Callable:
             return original(algorithm, server_args)
         from sglang_dflash.worker.dflash_worker import DFlashWorker
 
+        add_acceptance_to_server_info()
         return DFlashWorker
 
     return create_worker
@@ -164,9 +186,10 @@ def handle_dflash_args(original: Callable, server_args) -> None:
     before the target's weights load. The worker checks the pair again against the
     loaded target.
 
-    On CPU SGLang's pass would refuse the device, so this declares what it declares for
-    a single-rank server instead: one step, top-k 1, the drafter's block size, 48
-    running requests by default. The draft attention backend it also resolves is for
+    On every device the verify width W is checked against the drafter's block
+    (``resolve_verify_width``). On CPU SGLang's pass would refuse the device, so this
+    declares what it declares for a single-rank server instead: one step, top-k 1,
+    ``speculative_num_draft_tokens`` = W, 48 running requests by default. The draft attention backend it also resolves is for
     SGLang's draft ModelRunner, which our worker does not have.
     """
     from sglang.srt.arg_groups.model_override_base import resolving_view
@@ -189,16 +212,95 @@ def handle_dflash_args(original: Callable, server_args) -> None:
     if not ok:
         raise ValueError(f"--speculative-draft-model-path {cfg.speculative_draft_model_path}: the "
                          f"DFlash drafter cannot serve --model-path {cfg.model_path}:\n{report}")
+    verify_width = resolve_verify_width(cfg.speculative_num_draft_tokens, cfg.speculative_dflash_block_size,
+                                        load_drafter_config(drafter).block_size, drafter)
     if cfg.device != "cpu":
+        # SGLang's pass sets speculative_num_draft_tokens from the same flags (or, with
+        # neither, from the drafter's block_size: W = L)
         return original(server_args)
     if cfg.pp_size != 1:
         raise ValueError(f"DFLASH on CPU: --pp-size must be 1, got {cfg.pp_size}")
-    block_size = cfg.speculative_num_draft_tokens or cfg.speculative_dflash_block_size
-    fields = dict(speculative_num_steps=1, speculative_eagle_topk=1,
-                  speculative_num_draft_tokens=int(block_size or load_drafter_config(drafter).block_size))
+    fields = dict(speculative_num_steps=1, speculative_eagle_topk=1, speculative_num_draft_tokens=verify_width)
     if cfg.max_running_requests is None:
         fields["max_running_requests"] = DFLASH_DEFAULT_MAX_RUNNING_REQUESTS
     declare_resolution(server_args, source, **fields)
+
+
+def resolve_verify_width(num_draft_tokens: int | None, dflash_block_size: int | None,
+                         drafter_block: int, drafter: str) -> int:
+    """W from SGLang's two DFLASH flags (aliases), the drafter's block L when neither is set.
+
+    The target verifies the bonus token and the first W - 1 of the L - 1 drafts, so
+    2 <= W <= L; a W outside that range is refused with the drafter's L named.
+    """
+    given = {f: int(v) for f, v in (("--speculative-num-draft-tokens", num_draft_tokens),
+                                    ("--speculative-dflash-block-size", dflash_block_size)) if v is not None}
+    if len(set(given.values())) > 1:
+        raise ValueError("DFLASH: " + " and ".join(f"{f} {v}" for f, v in given.items()) +
+                         " differ; for DFLASH both set the verify width W, give one")
+    W = next(iter(given.values()), drafter_block)
+    if not 2 <= W <= drafter_block:
+        flag = next(iter(given), "--speculative-num-draft-tokens")
+        raise ValueError(
+            f"DFLASH: {flag} {W}: the verify width W must lie in 2..{drafter_block}. The drafter "
+            f"{drafter} drafts blocks of {drafter_block} (its config.json block_size: the last token "
+            f"and {drafter_block - 1} drafts); the target verifies the last token and the first W - 1 "
+            "drafts")
+    return W
+
+
+def add_acceptance_to_server_info() -> None:
+    """Put the worker's acceptance counts into ``/server_info`` (scheduler process; idempotent)."""
+    global _server_info_hooked
+    if _server_info_hooked:
+        return
+    from sglang.srt.managers.scheduler_components.internal_state import SchedulerInternalStateController
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    before = SchedulerInternalStateController._add_speculative
+    HookRegistry.register(ADD_SPECULATIVE_STATE, add_dflash_acceptance, HookType.AROUND)
+    # applies only what is not applied yet: this hook (the others ran at plugin load)
+    HookRegistry.apply_hooks()
+    if SchedulerInternalStateController._add_speculative is before:
+        # apply_hooks logs and skips a target it cannot patch; say what that costs
+        raise RuntimeError(f"sglang-dflash: could not wrap {ADD_SPECULATIVE_STATE} (see the log "
+                           f"above); /server_info would lack {SERVER_INFO_KEY}")
+    _server_info_hooked = True
+
+
+def add_dflash_acceptance(original: Callable, controller, state: dict) -> None:
+    """AROUND ``_add_speculative``: SGLang's figures, then ours under ``dflash_acceptance``."""
+    original(controller, state)
+    worker = controller.scheduler.draft_worker
+    from sglang_dflash.worker.dflash_worker import DFlashWorker
+
+    if isinstance(worker, DFlashWorker):
+        state[SERVER_INFO_KEY] = worker.acceptance_report()
+
+
+def req_row_extra_for_dflash(original: Callable) -> int:
+    """``req_to_token`` row headroom past the context length, wide enough for DFLASH.
+
+    Before each DFLASH decode step ``DFlashDraftInputV2.prepare_for_decode`` reserves
+    slots up to ``kv_committed_len + 2 * W`` (W = ``speculative_num_draft_tokens``, the
+    verify width; rounded up to a page), and a request still decoding has
+    ``kv_committed_len`` below ``context_len``. SGLang 0.5.23 sizes the rows for that
+    reserve only when pages are wider than 1 (``4 + W`` at page 1),
+    so near the context its slot-table write runs past the row end (into the next
+    request's row, or past the table) and the release at finish, which reads the row,
+    never frees those slots: a leak, then SGLang's idle leak check stops the server.
+    Whatever worker DFLASH routes to.
+    """
+    from sglang.srt.mem_cache.allocation_sizing import get_alloc_page_size
+    from sglang.srt.runtime_context import get_spec
+    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+    extra = original()
+    spec = get_spec()
+    if spec.speculative_algorithm is None or not SpeculativeAlgorithm.from_string(
+            spec.speculative_algorithm).is_dflash():
+        return extra
+    return max(extra, 2 * int(spec.speculative_num_draft_tokens) + get_alloc_page_size() - 1)
 
 
 def add_kimi_dflash_capture() -> None:

@@ -75,10 +75,48 @@ def test_bundled_qwen3_pair_with_chat_template(tmp_path):
 
     out = tmp_path / "bench"
     argv = ["--target", str(TARGET_DIR), "--drafter", str(DRAFTER_DIR),
-            "--max-new-tokens", "24", "--num-prompts", "2", "--out", str(out)]
+            "--max-new-tokens", "24", "--num-prompts", "2", "--verify-width", "4", "--out", str(out)]
     assert main_offline(_args(argv)) == 0
     result = json.loads((out / "result.json").read_text())
     assert result["num_prompts"] == 2 and 2 <= result["tokens"] <= 2 * 23 and 1.0 <= result["tau"] <= 16.0
+    (row,) = result["verify_widths"]
+    assert row["verify_width"] == 4 and 1.0 <= row["draft_trained_block"]["tau"] <= 4.0
+
+
+def test_verify_width_sweep_both_ways(tmp_path, capsys):
+    """--verify-width: 'draft 16, verify W' and 'draft W, verify W' walk the same continuations."""
+    from sglang_dflash.reference.offline import teacher_forced_commit_lens
+
+    out = tmp_path / "bench"
+    argv = ["--max-new-tokens", "32", "--num-prompts", "3", "--verify-width", "16,2,4", "--out", str(out)]
+    assert main_offline(_args(argv)) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert (out / "verify_width.png").stat().st_size > 0
+    rows = result["verify_widths"]
+    assert [r["verify_width"] for r in rows] == [2, 4, 16]
+    # at W = L both ways are the plain walk of the top-level figures
+    assert rows[-1]["draft_trained_block"]["tau"] == rows[-1]["draft_shrunk_block"]["tau"] == result["tau"]
+
+    target, drafter = load_tiny_pair()
+    ops = get_ops("torch")
+    use_ops(target, drafter, ops)
+    prompts = [encode(p) for p in DEMO_PROMPTS[:3]]
+    _, continuations = offline_acceptance(target, drafter, ops, prompts, max_new_tokens=32)
+    for row in rows:
+        W = row["verify_width"]
+        for key, block in (("draft_trained_block", 16), ("draft_shrunk_block", W)):
+            got = row[key]
+            lens = teacher_forced_commit_lens(target, drafter, ops, prompts, [c.tokens for c in continuations],
+                                              block, W)
+            assert got["block_size"] == block and got["steps"] == sum(map(len, lens))
+            assert got["tokens"] == sum(map(sum, lens)) and len(got["commit_len_counts"]) == W + 1
+            assert len(got["position_accept_rate"]) == W - 1 and 1.0 <= got["tau"] <= W
+    printed = capsys.readouterr().out
+    assert "draft L" in printed and "draft W" in printed
+
+    assert main_offline(_args(["--max-new-tokens", "8", "--num-prompts", "1", "--verify-width", "17",
+                               "--out", str(tmp_path / "o")])) == 2
+    assert "--verify-width 17 exceeds the draft block 16" in capsys.readouterr().err
 
 
 def test_draft_kv_dtype_walks_with_that_pool(tmp_path, monkeypatch):

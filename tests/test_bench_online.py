@@ -42,6 +42,8 @@ class StubServer:
         self.lock = threading.Lock()
         self.in_flight = self.peak = 0
         self.bodies = []
+        # server-wide accepted-draft counts, as the plugin's worker keeps them (W = 16)
+        self.served = [0] * 16
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -62,9 +64,13 @@ class StubServer:
                 if self.path == "/v1/models":
                     self._json(200, {"object": "list", "data": [{"id": "stub-model"}]})
                 elif self.path == "/server_info" and stub.spec:
+                    with stub.lock:
+                        counts = {"block_size": 16, "verify_width": 16,
+                                  "accepted_drafts_histogram": list(stub.served)}
                     self._json(200, {"version": "stub", "speculative_algorithm": "DFLASH",
                                      "internal_states": [
-                                         {"avg_spec_accept_length": SERVER_LIFETIME_TAU}]})
+                                         {"avg_spec_accept_length": SERVER_LIFETIME_TAU,
+                                          "dflash_acceptance": counts}]})
                 else:
                     self._json(404, {"detail": "Not Found"})
 
@@ -106,6 +112,9 @@ class StubServer:
                                                                             "text": text}
             send({"id": "x", "choices": [choice]})
         tokens = 1 + sum(steps)
+        with self.lock:
+            for n in steps:
+                self.served[n - 1] += 1
         # like SGLang, no stats for a request that never reached a verify step
         if self.spec and self.sglext and body.get("return_spec_tokens_details") and steps:
             hist = [0] * max(steps)
@@ -166,7 +175,7 @@ LEVEL_KEYS = {"concurrency", "requests", "ok", "failed", "errors", "wall_s", "ou
               "tau_requests", "verify_steps", "no_verify_requests", "no_stats_requests",
               "sglang_accept_length", "sglang_accept_length_request_mean",
               "accept_len_histogram", "position_accept_rate",
-              "server_info_avg_spec_accept_length", "ttft_s", "itl_s", "tpot_s",
+              "server_info_avg_spec_accept_length", "server_acceptance", "ttft_s", "itl_s", "tpot_s",
               "latency_s", "per_request"}
 PCT_KEYS = {"p50", "p90", "p99", "mean", "n"}
 
@@ -195,6 +204,11 @@ def test_sweep_json_plots_and_speedup(tmp_path, spec_server, plain_server, capsy
         assert lv["position_accept_rate"] == pytest.approx(
             [sum(hist[j:]) / sum(hist) for j in range(1, 16)], rel=1e-12)
         assert lv["server_info_avg_spec_accept_length"] == SERVER_LIFETIME_TAU
+        # the server's own counts over the level (the warm-up request before it left out)
+        server = lv["server_acceptance"]
+        assert server["accepted_drafts_histogram"] == hist + [0] * (16 - len(hist))
+        assert server["steps"] == sum(hist) and server["tau"] == pytest.approx(tau, rel=1e-12)
+        assert server["position_accept_rate"] == pytest.approx(lv["position_accept_rate"], rel=1e-12)
         assert lv["tokens_from_usage"] is True
         assert lv["output_tokens"] == sum(r["completion_tokens"] for r in lv["per_request"])
         assert all(r["spec_verify_ct"] for r in lv["per_request"])
@@ -202,6 +216,7 @@ def test_sweep_json_plots_and_speedup(tmp_path, spec_server, plain_server, capsy
     base = result["baseline"]["levels"]
     assert [lv["tau"] for lv in base] == [None, None, None]
     assert [lv["accept_len_histogram"] for lv in base] == [None, None, None]
+    assert [lv["server_acceptance"] for lv in base] == [None, None, None]
     for row, lv, b in zip(result["speedup"], result["levels"], base):
         assert row["speedup"] == pytest.approx(lv["output_tok_s"] / b["output_tok_s"])
     assert result["server"]["model"] == "stub-model"

@@ -61,7 +61,7 @@ def setup():
 def _parts(setup, ops) -> DraftParts:
     drafter, embed, lm_head, req_to_token, pool = setup
     drafter.ops = ops
-    return DraftParts(drafter, pool, embed, lambda h: ops.greedy_head(h, lm_head, 0)[1], req_to_token, 7, L)
+    return DraftParts(drafter, pool, embed, lambda h: ops.greedy_head(h, lm_head, 0)[1], req_to_token, 7, L, L)
 
 
 def _batch(seq_lens, rows, seed):
@@ -73,7 +73,7 @@ def _reference_candidates(setup, bonus, seq_lens, rows):
     """The draft as the worker used to build it: block_inputs, a [B, S] slot table cut to
     the host's longest context, forward_block, argmax over the full logits."""
     drafter, embed, lm_head, req_to_token, pool = setup
-    block_ids, positions, _ = block_inputs(bonus, seq_lens, rows, req_to_token, 7, L)
+    block_ids, positions, _ = block_inputs(bonus, seq_lens, rows, req_to_token, 7, L, L)
     table = req_to_token[rows, : int(seq_lens.max())].long()
     hidden = drafter.forward_block(pool, embed(block_ids), positions, table, seq_lens)
     drafts = (hidden[:, 1:].double() @ lm_head.double().T).argmax(dim=-1)
@@ -96,6 +96,20 @@ def test_eager_and_graph_mode_draft_the_reference_candidates(setup, backend):
             # bucket 4 for 3 requests (one padding row), 2 for 2, eager for 5 (above the buckets)
             assert torch.equal(runner.draft(bonus, seq_lens, rows), ref)
     assert runner.bucket_for(3) == 4 and runner.bucket_for(2) == 2 and runner.bucket_for(5) is None
+
+
+def test_a_verify_width_below_the_block_drafts_the_whole_block_and_keeps_its_first_w(setup):
+    parts = _parts(setup, get_ops("torch"))
+    narrow = DraftParts(**{**parts.__dict__, "verify_width": 5})
+    runner = DraftRunner(narrow)
+    runner.capture([4], direct_call)
+    with torch.no_grad():
+        for i, (seq_lens, rows) in enumerate(STEPS):
+            batch = _batch(seq_lens, rows, seed=i)
+            full = draft_block(parts, *batch)
+            assert full.shape == (3, L)
+            assert torch.equal(draft_block(narrow, *batch), full[:, :5])
+            assert torch.equal(runner.draft(*batch), full[:, :5])
 
 
 class StepTrace(TorchDispatchMode):
@@ -205,7 +219,7 @@ def _meta_parts(ops, tp_size=1) -> DraftParts:
     embed = torch.nn.Embedding(163840, cfg.hidden_size, device="meta", dtype=torch.bfloat16)
     req_to_token = torch.empty(64, 32788, dtype=torch.int32, device="meta")
     return DraftParts(drafter, drafter.new_pool(8), embed, lambda h: ops.greedy_head(h, lm_head, 0)[1],
-                      req_to_token, cfg.mask_token_id, cfg.block_size)
+                      req_to_token, cfg.mask_token_id, cfg.block_size, cfg.block_size)
 
 
 def test_step_reads_nothing_back_to_host_and_its_launches_are_counted():
@@ -247,7 +261,7 @@ def test_step_reads_nothing_back_to_host_and_its_launches_are_counted():
 def _warm_keys(batch_sizes, table_width=32788, tp_size=1):
     parts = _meta_parts(get_ops("triton"), tp_size)
     table = torch.empty(64, table_width, dtype=torch.int32, device="meta")
-    launches = serving_launches(parts.drafter, table, 163840 // tp_size, 163840, tp_size, 16, batch_sizes, 132)
+    launches = serving_launches(parts.drafter, table, 163840 // tp_size, 163840, tp_size, 16, 16, batch_sizes, 132)
     return distinct(launches, gpu_target(90))
 
 
@@ -277,7 +291,7 @@ def _constexpr(binding, name):
 
 
 def test_worker_config_takes_the_graph_buckets_and_refuses_graphs_off_cuda():
-    base = dict(drafter_path="drafter", block_size=16, device="cuda:0", tp_size=1, pp_size=1,
+    base = dict(drafter_path="drafter", verify_width=16, device="cuda:0", tp_size=1, pp_size=1,
                 dp_attention=False, topk=None, draft_window_size=None, hierarchical_cache=False,
                 disaggregation_mode="null", unified_memory=False, lora=False, adaptive=False, ops_env=None)
     assert worker_config(ServerSettings(**base)).cuda_graph_bs is None
@@ -347,7 +361,7 @@ def test_cuda_graph_replay_equals_eager(setup, dtype):
     gpu.prepare(device)
     lm = lm_head.to(device, dtype)
     parts = DraftParts(gpu, gpu_pool, embed.to(device, dtype), lambda h: ops.greedy_head(h, lm, 0)[1],
-                       req_to_token.to(device), 7, L)
+                       req_to_token.to(device), 7, L, L)
     runner = DraftRunner(parts)
     with torch.no_grad():
         runner.capture([2, 4], CudaGraphCapture())
@@ -379,14 +393,14 @@ def test_warm_up_leaves_nothing_to_compile_for_the_draft(setup):
     gpu.ops = ops
     gpu.prepare(device)
     table = req_to_token.to(device)
-    launches = serving_launches(gpu, table, V, V, 1, L, (3,), torch.cuda.get_device_properties(0).multi_processor_count)
+    launches = serving_launches(gpu, table, V, V, 1, L, L, (3,), torch.cuda.get_device_properties(0).multi_processor_count)
     binaries, _ = warm_up(launches)
     assert binaries > 5
     kernels = {id(jit_of(launch.kernel)): jit_of(launch.kernel) for launch in launches}.values()
     cached = {id(k): len(k.device_caches[0][0]) for k in kernels}
     lm = lm_head.to(device, torch.bfloat16)
     parts = DraftParts(gpu, gpu.new_pool(pool.num_slots), embed.to(device, torch.bfloat16),
-                       lambda h: ops.greedy_head(h, lm, 0)[1], table, 7, L)
+                       lambda h: ops.greedy_head(h, lm, 0)[1], table, 7, L, L)
     with torch.no_grad():
         draft_block(parts, *[t.to(device) for t in _batch([5, 17, 40], [2, 0, 5], seed=0)])
     assert {id(k): len(k.device_caches[0][0]) for k in kernels} == cached

@@ -58,7 +58,7 @@ def published(drafter_dir):
 def _settings(**fields):
     from sglang_dflash.worker.settings import ServerSettings
 
-    base = dict(drafter_path="drafter", block_size=16, device="cpu", tp_size=1, pp_size=1, dp_attention=False,
+    base = dict(drafter_path="drafter", verify_width=16, device="cpu", tp_size=1, pp_size=1, dp_attention=False,
                 topk=None, draft_window_size=None, hierarchical_cache=False, disaggregation_mode="null",
                 unified_memory=False, lora=False, adaptive=False, ops_env=None)
     return ServerSettings(**{**base, **fields})
@@ -79,7 +79,7 @@ def _worker_pool_bytes(publish, draft_config, *flags) -> tuple[int, int, torch.d
                                              attn_tp_size=DFlashWorker.draft_parallel_layout.attn_tp_size)
     # the plain server's published config carries no speculative flags; the worker's own
     # ones do not enter the pricing
-    settings = replace(read_server_settings("cpu", draft_config.dtype), drafter_path="drafter", block_size=16)
+    settings = replace(read_server_settings("cpu", draft_config.dtype), drafter_path="drafter", verify_width=16)
     cfg = worker_config(settings)
     with torch.device("meta"):
         drafter = DFlashDrafter(load_drafter_config(draft_config.model_path)).to(draft_config.dtype)

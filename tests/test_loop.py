@@ -6,7 +6,7 @@ import torch
 from sglang_dflash.backend import get_ops
 from sglang_dflash.reference.demo import use_ops
 from sglang_dflash.reference.loop import acceptance_length, generate_dflash, generate_plain
-from sglang_dflash.reference.offline import acceptance_stats, offline_acceptance
+from sglang_dflash.reference.offline import acceptance_stats, offline_acceptance, teacher_forced_commit_lens
 from sglang_dflash.reference.sampling import SamplingParams
 from sglang_dflash.reference.tiny_pair import DEMO_PROMPTS, PAD, encode, load_tiny_pair
 
@@ -117,3 +117,62 @@ def test_triton_backend_emits_the_same_tokens_and_blocks(pair):
     fast = generate_dflash(t_target, t_drafter, prompts, params, triton_ops)
     assert [r.tokens for r in fast] == [r.tokens for r in reference]
     assert [r.commit_lens for r in fast] == [r.commit_lens for r in reference]
+
+
+# ---- verify width: draft the trained block, verify its first W positions ----
+
+
+WIDTH_PARAMS = [_greedy(n) for n in (20, 7, 16, 20, 11)]  # several stop mid-block
+
+
+@pytest.fixture(scope="module")
+def plain_for_widths(pair):
+    return generate_plain(pair[0], PROMPTS, WIDTH_PARAMS)
+
+
+@pytest.mark.parametrize("W", [2, 6], ids=lambda w: f"L16-W{w}")
+def test_verify_width_is_lossless_and_walks_like_teacher_forcing(pair, plain_for_widths, W):
+    target, drafter = pair
+    plain = plain_for_widths
+    spec = generate_dflash(target, drafter, PROMPTS, WIDTH_PARAMS, OPS, verify_width=W)
+    assert [s.tokens for s in spec] == [p.tokens for p in plain]
+    assert all(1 <= n <= W for s in spec for n in s.commit_lens)
+    assert any(n == W for s in spec for n in s.commit_lens), "no step used the whole verify width"
+    # online greedy decoding takes exactly the teacher-forced walk's steps at the same W
+    walked = teacher_forced_commit_lens(target, drafter, OPS, PROMPTS, [p.tokens for p in plain],
+                                        drafter.cfg.block_size, W)
+    assert [s.commit_lens for s in spec] == walked
+
+
+def test_verify_width_drafts_the_whole_trained_block(pair):
+    """The W candidates are the first W of the L-block's, not the drafts of a W-block."""
+    from sglang_dflash.reference.loop import draft_block
+
+    target, drafter = pair
+    prompts = [encode(p) for p in DEMO_PROMPTS[:2]]
+    seqs = [p + c.tokens for p, c in zip(prompts, generate_plain(target, prompts, [_greedy(8)] * 2))]
+    target.set_capture_layers(drafter.cfg.target_layer_ids)
+    pool = drafter.new_pool(sum(map(len, seqs)))
+    bases = [sum(map(len, seqs[:i])) for i in range(len(seqs))]
+    for seq, base in zip(seqs, bases):
+        positions = torch.arange(len(seq))
+        drafter.append_context(pool, target.extend(target.new_state(), torch.tensor(seq)).features,
+                               positions, base + positions)
+    start = torch.tensor([len(p) + 3 for p in prompts])
+    last = torch.tensor([s[i] for s, i in zip(seqs, start.tolist())])
+    args = (target, drafter, OPS, pool, last, start, torch.tensor(bases))
+    full = draft_block(*args, L=16)
+    assert full.shape == (2, 16)
+    for W in (2, 4, 8):
+        assert torch.equal(draft_block(*args, L=16, W=W), full[:, :W])
+    # a block of 4 is a different context: its drafts differ somewhere (what stock engines draft)
+    assert not torch.equal(draft_block(*args, L=4), full[:, :4])
+
+
+def test_verify_width_outside_the_block_is_refused(pair):
+    target, drafter = pair
+    for W in (1, 17):
+        with pytest.raises(ValueError, match=rf"verify width must lie in 2\.\.16.*got {W}"):
+            generate_dflash(target, drafter, PROMPTS[:1], [_greedy(4)], OPS, verify_width=W)
+    with pytest.raises(ValueError, match=r"2\.\.4"):
+        generate_dflash(target, drafter, PROMPTS[:1], [_greedy(4)], OPS, block_size=4, verify_width=8)

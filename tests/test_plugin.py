@@ -36,7 +36,21 @@ args = prepare_server_args(["--model-path", "target-unused", "--device", "cpu",
 algorithm = SpeculativeAlgorithm.from_string(args.speculative_algorithm)
 worker = algorithm.create_worker(args)
 from sglang.srt.models.kimi_linear import KimiLinearForCausalLM
+# /server_info: SGLang's _add_speculative, wrapped when DFLASH runs our worker
+from types import SimpleNamespace
+from sglang.srt.managers.scheduler_components.internal_state import SchedulerInternalStateController
+draft_worker = object()
+if worker.__name__ == "DFlashWorker":
+    from sglang_dflash.worker.stats import AcceptanceCounter
+    draft_worker = worker.__new__(worker)
+    draft_worker.block_size, draft_worker.acceptance = 16, AcceptanceCounter(4)
+    draft_worker.acceptance.add([0, 3])
+state = {}
+controller = SimpleNamespace(scheduler=SimpleNamespace(spec_algorithm=algorithm, draft_worker=draft_worker),
+                             _average_accept_length=lambda: 2.5)
+SchedulerInternalStateController._add_speculative(controller, state)
 print(json.dumps({
+    "server_info": state,
     "entry_points": sorted(f"{e.name}={e.value}" for e in entry_points(group="sglang.srt.plugins")),
     "hook_applied": "%s" in HookRegistry._patched,
     "request_hooks": sorted(t for t in HookRegistry._patched if t in %r),
@@ -177,6 +191,36 @@ def test_dflash_args_checked_before_sglang_pass(tmp_path):
             view.speculative_eagle_topk, view.max_running_requests) == (16, 1, 1, 48)
 
 
+def test_verify_width_is_resolved_and_bounded_by_the_drafter_block():
+    """--speculative-num-draft-tokens (or its DFLASH alias) is W, 2..L of the drafter's
+    block, on every device; neither flag: W = L."""
+    from sglang.srt.arg_groups.model_override_base import resolving_view
+
+    from sglang_dflash.reference.tiny_qwen3 import DRAFTER_DIR
+
+    calls = []
+    for extra, W in ((("--speculative-num-draft-tokens", "4"), 4),
+                     (("--speculative-dflash-block-size", "8"), 8), ((), 16)):
+        args = _dflash_args("cpu", DRAFTER_DIR, *extra)
+        plugin.handle_dflash_args(calls.append, args)
+        assert resolving_view(args).speculative_num_draft_tokens == W
+    refused = {("--speculative-num-draft-tokens", "17"):
+               r"--speculative-num-draft-tokens 17: the verify width W must lie in 2\.\.16\. The drafter "
+               r".*drafts blocks of 16",
+               ("--speculative-dflash-block-size", "1"): r"--speculative-dflash-block-size 1: .* 2\.\.16",
+               ("--speculative-num-draft-tokens", "4", "--speculative-dflash-block-size", "8"):
+               r"--speculative-num-draft-tokens 4 and --speculative-dflash-block-size 8 differ"}
+    for extra, needle in refused.items():
+        for device in ("cpu", "cuda"):
+            with pytest.raises(ValueError, match=needle):
+                plugin.handle_dflash_args(calls.append, _dflash_args(device, DRAFTER_DIR, *extra))
+    assert calls == []
+    # on a GPU a valid W goes on to SGLang's own pass, which sizes everything by it
+    args = _dflash_args("cuda", DRAFTER_DIR, "--speculative-num-draft-tokens", "4")
+    plugin.handle_dflash_args(calls.append, args)
+    assert calls == [args]
+
+
 # ---- Kimi-Linear feature capture ----
 
 NUM_LAYERS = 4
@@ -286,6 +330,11 @@ def test_dflash_routes_to_plugin_worker(fresh_routes):
     assert got["algorithm"] == "SpeculativeAlgorithm.DFLASH"
     assert got["worker"] == plugin.WORKER
     assert got["kimi_capture"]
+    # /server_info gets the worker's counts beside SGLang's own average
+    info = got["server_info"]
+    assert info["avg_spec_accept_length"] == 2.5
+    assert info[plugin.SERVER_INFO_KEY]["accepted_drafts_histogram"] == [1, 0, 0, 1]
+    assert info[plugin.SERVER_INFO_KEY]["position_accept_rate"] == [0.5, 0.5, 0.5]
 
 
 def test_route_off_gives_builtin_worker(fresh_routes):
@@ -296,3 +345,20 @@ def test_route_off_gives_builtin_worker(fresh_routes):
     assert got["worker"] == "sglang.srt.speculative.dflash_worker_v2.DFlashWorkerV2"
     # the built-in worker gets the Kimi-Linear capture too
     assert got["kimi_capture"]
+    assert got["server_info"] == {"avg_spec_accept_length": 2.5}
+
+
+def test_req_to_token_rows_hold_the_dflash_reserve(monkeypatch):
+    """DFLASH reserves committed + 2 x W slots (W the verify width) (page-rounded) before each decode step; the
+    rows must hold that much past the context, or the reserve overruns the row and leaks."""
+    import types
+
+    import sglang.srt.mem_cache.allocation_sizing as sizing
+    import sglang.srt.runtime_context as runtime
+
+    for algorithm, page, original, want in (("DFLASH", 1, 20, 32), ("DFLASH", 4, 35, 35),
+                                            ("EAGLE", 1, 20, 20), (None, 1, 4, 4)):
+        spec = types.SimpleNamespace(speculative_algorithm=algorithm, speculative_num_draft_tokens=16)
+        monkeypatch.setattr(runtime, "get_spec", lambda spec=spec: spec)
+        monkeypatch.setattr(sizing, "get_alloc_page_size", lambda page=page: page)
+        assert plugin.req_row_extra_for_dflash(lambda original=original: original) == want, (algorithm, page)

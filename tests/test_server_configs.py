@@ -20,9 +20,9 @@ from sglang_dflash import serve  # noqa: E402
 CONFIGS = Path(__file__).resolve().parents[1] / "server_configs"
 TARGET = "moonshotai/Kimi-Linear-48B-A3B-Instruct"
 DRAFTER = "Moonlight556/Kimi-Linear-48B-A3B-DFlash-240k"
-# file -> (tp_size, block size, max running requests); every YAML file must be listed
+# file -> (tp_size, verify width W, max running requests); every YAML file must be listed
 EXPECTED = {
-    "kimi-linear-h200-tp1.yaml": (1, 16, 48),
+    "kimi-linear-h200-tp1.yaml": (1, 6, 48),
     "kimi-linear-h100x2-tp2.yaml": (2, 16, 32),
     "kimi-linear-b200-tp1.yaml": (1, 16, 96),
     "kimi-linear-h200-tp1-highconc.yaml": (1, 8, 128),
@@ -69,14 +69,14 @@ def test_every_config_file_is_covered():
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_config_resolves_like_a_gpu_machine(checked, name):
-    tp, block, max_running = EXPECTED[name]
+    tp, width, max_running = EXPECTED[name]
     f = checked[name]["fields"]
     assert (f["model_path"], f["speculative_draft_model_path"]) == (TARGET, DRAFTER)
     assert (f["device"], f["tp_size"], f["trust_remote_code"]) == ("cuda", tp, True)
     assert f["speculative_algorithm"] == "DFLASH"
-    # _handle_dflash turns the block size into num_draft_tokens and pins steps/topk to 1
+    # num_draft_tokens is the verify width W; _handle_dflash pins steps/topk to 1
     assert (f["speculative_num_draft_tokens"], f["speculative_num_steps"],
-            f["speculative_eagle_topk"]) == (block, 1, 1)
+            f["speculative_eagle_topk"]) == (width, 1, 1)
     assert f["speculative_draft_attention_backend"] is not None
     assert f["max_running_requests"] == max_running
     # sglang caps running requests at max_mamba_cache_size // 3 (radix cache on)
@@ -150,13 +150,14 @@ def test_fp8_capacity_figures_follow_from_the_arithmetic(checked):
         for name, stated in zip(names, pools):
             fields = checked[name]["fields"]
             exact = token_pool(name, fields, fields["max_running_requests"], draft)
-            assert abs(stated - exact) < 0.2 * 2**30 / (MLA_BYTES + draft), f"docs/draft_kv.md: {dtype}, {name}: {stated} vs {exact:.0f}"
+            assert abs(stated - exact) < 0.2 * 2**30 / (MLA_BYTES + draft), \
+                f"docs/draft_kv.md: {dtype}, {name}: {stated} vs {exact:.0f}"
 
 
 def test_extra_arguments_win_over_the_file():
     path = CONFIGS / "kimi-linear-h200-tp1.yaml"
     f = serve.check_config(path, ["--max-running-requests", "7",
-                                  "--speculative-dflash-block-size", "8"])["fields"]
+                                  "--speculative-num-draft-tokens", "8"])["fields"]
     assert (f["max_running_requests"], f["speculative_num_draft_tokens"]) == (7, 8)
 
 
@@ -179,8 +180,8 @@ def test_dflash_handler_really_runs(tmp_path):
     path = _variant(tmp_path, "device: cuda", "device: cpu")
     with pytest.raises(ValueError, match=r"refused the configuration: DFLASH .*not supported"):
         serve.check_config(path, [])
-    path = _variant(tmp_path, "speculative-dflash-block-size: 16",
-                    "speculative-dflash-block-size: 16\nspeculative-num-draft-tokens: 8")
+    path = _variant(tmp_path, "speculative-num-draft-tokens: 6",
+                    "speculative-num-draft-tokens: 6\nspeculative-dflash-block-size: 16")
     with pytest.raises(ValueError, match="they differ"):
         serve.check_config(path, [])
 
@@ -204,3 +205,33 @@ def test_serve_command_line(tmp_path, capsys):
         serve.main_serve(parser.parse_args(["--dry-run", str(bad)]))
     with pytest.raises(SystemExit, match="only YAML"):
         serve.main_serve(parser.parse_args(["--dry-run", str(tmp_path / "x.json")]))
+
+
+PREDICTION_ROW = re.compile(r"^#   W = (\d+), (eager|graphed) draft((?:\s+\d+\.\d\dx)+)", re.M)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_header_predictions_are_what_the_planner_computes(name):
+    """Every "W = N, eager|graphed draft  1.24x ..." row of a header is the step-time
+    model's speed-up (geometric acceptance, tau(16) = 5.21) at the concurrencies above it,
+    and the header says it is a model until measured."""
+    from sglang_dflash.plan.acceptance_curve import geometric_curve
+    from sglang_dflash.plan.cost_model import Assumptions, tau_at
+    from sglang_dflash.plan.planner import ModelCosts
+
+    text = (CONFIGS / name).read_text()
+    header = text[:text.index("\nmodel-path:")]
+    assert "A MODEL" in header and "until measured" in header, name
+    table = header[header.index("Predicted speed-up"):]
+    concurrency = [int(c) for c in re.search(r"^#\s+((?:\d+\s+)+\d+)$", table, re.M).group(1).split()]
+    rows = PREDICTION_ROW.findall(table)
+    assert rows, f"{name}: no prediction rows"
+    assert any(int(W) == EXPECTED[name][1] for W, _, _ in rows), f"{name}: no row for the file's W"
+    gpu = next(g for g in ("h200", "h100", "b200") if g in name)
+    curve = geometric_curve(5.21, 16)
+    for W, draft, values in rows:
+        costs = ModelCosts(gpu, EXPECTED[name][0], Assumptions(drafter_graphed=draft == "graphed"))
+        want = [tau_at(curve, int(W)) * costs.target_ms(C, 1) / (costs.target_ms(C, int(W)) + costs.draft_ms(C, int(W)))
+                for C in concurrency]
+        got = [float(v.rstrip("x")) for v in values.split()]
+        assert got == pytest.approx([round(x, 2) for x in want], abs=0.006), f"{name}: W = {W}, {draft}"

@@ -15,23 +15,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close
 
 from sglang_dflash.backend import get_ops
-from sglang_dflash.reference.sampling import SamplingParams, probs_from_logits
+from sglang_dflash.reference.sampling import SamplingParams
+from sglang_dflash.sampling import TOP_K_ALL, RowSampling
 from sglang_dflash.worker.settings import ServerSettings, worker_config
 from sglang_dflash.worker.steps import (
-    RowSampling,
     accept_block,
     block_inputs,
     extend_positions,
     mamba_steps_to_track,
     spec_outputs,
-    verify_probs,
 )
 
 OPS = get_ops("torch")
-TOP_K_ALL = 1 << 30  # SGLang's "no top-k"
 
 
 # ---- tensor steps ----
@@ -48,57 +45,21 @@ def test_block_inputs_read_the_reserved_slots():
     req_to_token = (torch.arange(4 * 40).view(4, 40) + 1000).to(torch.int32)
     block_ids, positions, cache_loc = block_inputs(
         bonus=torch.tensor([11, 12]), seq_lens=torch.tensor([5, 17]),
-        req_pool_indices=torch.tensor([2, 0]), req_to_token=req_to_token, mask_token_id=99, block_size=4)
+        req_pool_indices=torch.tensor([2, 0]), req_to_token=req_to_token, mask_token_id=99, block_size=4,
+        verify_width=4)
     assert torch.equal(block_ids, torch.tensor([[11, 99, 99, 99], [12, 99, 99, 99]]))
     assert torch.equal(positions, torch.tensor([[5, 6, 7, 8], [17, 18, 19, 20]]))
     assert torch.equal(cache_loc, torch.tensor([[1085, 1086, 1087, 1088], [1017, 1018, 1019, 1020]]))
     assert cache_loc.dtype == torch.int64
-
-
-def _rows(params, max_top_k=None, need_top_p=True):
-    return RowSampling(
-        temperatures=torch.tensor([p.temperature for p in params]),
-        top_ks=torch.tensor([p.top_k or TOP_K_ALL for p in params]),
-        top_ps=torch.tensor([p.top_p for p in params]),
-        min_ps=torch.zeros(len(params)),
-        need_top_k=any(p.top_k for p in params), max_top_k=max_top_k, need_top_p=need_top_p, need_min_p=False,
-    )
-
-
-ANY_K = [SamplingParams(temperature=0.7), SamplingParams(temperature=1.3, top_k=5),
-         SamplingParams(temperature=1.0, top_p=0.8), SamplingParams(temperature=0.5, top_k=4, top_p=0.6),
-         SamplingParams(temperature=2.0, top_k=3)]
-FINITE_K = [SamplingParams(temperature=0.7, top_k=9), SamplingParams(temperature=1.3, top_k=5),
-            SamplingParams(temperature=1.0, top_k=7, top_p=0.8),
-            SamplingParams(temperature=0.5, top_k=4, top_p=0.6), SamplingParams(temperature=2.0, top_k=3)]
-NO_TOP_P = [SamplingParams(temperature=0.7), SamplingParams(temperature=1.3, top_k=5)]
-
-
-@pytest.mark.parametrize("V", [50, 257], ids=["V50", "V257"])
-@pytest.mark.parametrize("params,max_top_k,need_top_p", [
-    (ANY_K, None, True), (FINITE_K, 9, True), (FINITE_K, 20, True), (FINITE_K, None, True),
-    (NO_TOP_P, None, False),
-], ids=["any-k", "k-bound-exact", "k-bound-loose", "finite-k-no-bound", "no-top-p"])
-def test_verify_probs_match_the_reference_row_by_row(V, params, max_top_k, need_top_p):
-    torch.manual_seed(V)
-    logits = torch.randn(len(params), 3, V) * 3
-    # six tied maxima: a top-k of 4 (and of 3) must keep all of them
-    logits[len(params) // 2:, :, :6] = 9.0
-    out = verify_probs(logits, _rows(params, max_top_k, need_top_p))
-    assert out.dtype == torch.float32
-    for b, p in enumerate(params):
-        ref = probs_from_logits(logits[b], p)
-        assert_close(f"probs row {b}", ref, out[b], 1e-6)
-        assert torch.equal(ref > 0, out[b] > 0)
-    assert (out[len(params) // 2:, :, :6] > 0).all()
-
-
-def test_verify_probs_min_p_is_relative_to_the_top_token():
-    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
-    rows = RowSampling(torch.ones(1), torch.tensor([TOP_K_ALL]), torch.ones(1), torch.tensor([0.2]),
-                       need_top_k=False, need_top_p=False, need_min_p=True)
-    out = verify_probs(probs.log().view(1, 1, 4), rows)
-    assert_close("min_p", torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95, out.view(4), 1e-6)
+    # draft the whole block, verify (and take slots for) its first 2 positions only
+    block_ids, positions, cache_loc = block_inputs(
+        bonus=torch.tensor([11, 12]), seq_lens=torch.tensor([5, 17]),
+        req_pool_indices=torch.tensor([2, 0]), req_to_token=req_to_token, mask_token_id=99, block_size=4,
+        verify_width=2)
+    assert block_ids.shape == positions.shape == (2, 4)
+    assert torch.equal(cache_loc, torch.tensor([[1085, 1086], [1017, 1018]]))
+    with pytest.raises(ValueError, match=r"verify width 5 must lie in 2\.\.4"):
+        block_inputs(torch.tensor([1]), torch.tensor([0]), torch.tensor([0]), req_to_token, 99, 4, 5)
 
 
 def test_accept_block_greedy_scenarios():
@@ -157,7 +118,7 @@ def test_mamba_steps_to_track_hand_cases():
 
 
 def _settings(**overrides) -> ServerSettings:
-    base = dict(drafter_path="drafter", block_size=16, device="cuda:0", tp_size=1, pp_size=1,
+    base = dict(drafter_path="drafter", verify_width=16, device="cuda:0", tp_size=1, pp_size=1,
                 dp_attention=False, topk=None, draft_window_size=None, hierarchical_cache=False,
                 disaggregation_mode="null", unified_memory=False, lora=False, adaptive=False, ops_env=None)
     return ServerSettings(**{**base, **overrides})
@@ -165,15 +126,17 @@ def _settings(**overrides) -> ServerSettings:
 
 def test_worker_config_defaults_and_backend_choice():
     cfg = worker_config(_settings())
-    assert (cfg.drafter_path, cfg.block_size, cfg.op_backend, cfg.tp_size) == ("drafter", 16, "triton", 1)
+    assert (cfg.drafter_path, cfg.verify_width, cfg.op_backend, cfg.tp_size) == ("drafter", 16, "triton", 1)
     assert worker_config(_settings(device="cpu")).op_backend == "torch"
     assert worker_config(_settings(ops_env="torch", topk=1)).op_backend == "torch"
+    assert worker_config(_settings()).sampling_backend == "pytorch"
+    assert worker_config(_settings(sampling_backend="flashinfer")).sampling_backend == "flashinfer"
 
 
 def test_worker_config_refuses_every_unsupported_setting_at_once():
-    bad = dict(drafter_path=None, block_size=1, pp_size=2, dp_attention=True, topk=4, draft_window_size=512,
+    bad = dict(drafter_path=None, verify_width=1, pp_size=2, dp_attention=True, topk=4, draft_window_size=512,
                hierarchical_cache=True, disaggregation_mode="decode", unified_memory=True, lora=True,
-               adaptive=True, ops_env="cuda")
+               adaptive=True, ops_env="cuda", sampling_backend="ascend")
     with pytest.raises(ValueError) as err:
         worker_config(_settings(**bad))
     message = str(err.value)
@@ -181,9 +144,24 @@ def test_worker_config_refuses_every_unsupported_setting_at_once():
                    "--enable-dp-attention", "--speculative-eagle-topk must be 1, got 4",
                    "--speculative-draft-window-size", "--enable-hierarchical-cache",
                    "--disaggregation-mode decode", "--enable-unified-memory", "--enable-lora",
-                   "--speculative-adaptive", "SGLANG_DFLASH_OPS='cuda'"):
+                   "--speculative-adaptive", "SGLANG_DFLASH_OPS='cuda'", "--sampling-backend ascend"):
         assert needle in message, needle
     assert message.count("\n  - ") == len(bad)
+
+
+def test_acceptance_counter_by_hand():
+    from sglang_dflash.worker.stats import AcceptanceCounter
+
+    counter = AcceptanceCounter(4)
+    counter.add([0, 3, 1])
+    counter.add([1])
+    report = counter.report(block_size=16)
+    assert report["accepted_drafts_histogram"] == [1, 2, 0, 1]
+    # commit lengths 1, 4, 2, 2: draft 1 accepted in 3 of 4 steps, draft 2 and 3 in 1
+    assert report["commit_len_counts"] == [0, 1, 2, 0, 1]
+    assert report["position_accept_rate"] == [0.75, 0.25, 0.25] and report["tau"] == 9 / 4
+    with pytest.raises(ValueError, match=r"0\.\.3 at verify width 4, got 4"):
+        counter.add([4])
 
 
 # ---- the worker inside a small SGLang scheduler loop ----
@@ -311,11 +289,12 @@ class MiniScheduler:
     results read back by its ``_resolve_spec_v2_tokens`` and trimmed by
     ``Req.update_finish_state``, the draft input filtered by ``DFlashDraftInputV2``."""
 
-    def __init__(self, sgl, pair, block_size: int, linear_state: bool = False, num_slots: int = 4096):
+    def __init__(self, sgl, pair, verify_width: int, linear_state: bool = False, num_slots: int = 4096):
         from sglang_dflash.worker.dflash_worker import DFlashWorker
         from sglang_dflash.worker.settings import WorkerConfig
 
-        self.sgl, self.L = sgl, block_size
+        # L in this class is what SGLang reserves by: speculative_num_draft_tokens = W
+        self.sgl, self.L = sgl, verify_width
         self.step_accept_lens = []
         target, drafter = pair
         self.eos = target.config.eos_token_ids[0]
@@ -323,7 +302,7 @@ class MiniScheduler:
         self.req_pool = sgl.ReqToTokenPool(size=16, max_context_len=512, device="cpu", enable_memory_saver=False)
         self.allocator = sgl.TokenToKVPoolAllocator(num_slots, torch.float32, "cpu", None, need_sort=False)
         self.target = ReferenceTarget(sgl, target, self.req_pool, linear_state, drafter.cfg.target_layer_ids)
-        cfg = WorkerConfig(drafter_path="tiny-dflash", block_size=block_size, op_backend="torch", tp_size=1)
+        cfg = WorkerConfig(drafter_path="tiny-dflash", verify_width=verify_width, op_backend="torch", tp_size=1)
         self.worker = DFlashWorker.from_parts(target_worker=None, cfg=cfg, drafter=drafter, target=self.target)
         self.worker.alloc_memory_pool(None, self.req_pool, self.allocator)
         self.worker.init_attention_backends()
@@ -474,6 +453,35 @@ def test_worker_serves_the_reference_tokens(sgl, pair, reference, linear_state):
             assert torch.equal(last_steps + 1, accept_lens.to(torch.int64))
 
 
+@pytest.mark.parametrize("W", [4, 9], ids=["L16-W4", "L16-W9"])
+def test_worker_verify_width_follows_the_reference_loop(sgl, pair, reference, W):
+    """Draft the trained 16, verify W: plain decoding's tokens, the reference loop's steps
+    at W, SGLang's result stride W, and the counts /server_info shows."""
+    from sglang_dflash.reference.loop import generate_dflash
+
+    prompts, plain, _ = reference
+    target, drafter = pair
+    params = [SamplingParams(max_new_tokens=n) for n in MAX_NEW]
+    spec = generate_dflash(target, drafter, prompts, params, OPS, verify_width=W)
+    sched = MiniScheduler(sgl, pair, W)
+    reqs = sched.serve(prompts, MAX_NEW)
+    for req, p, s in zip(reqs, plain, spec):
+        assert _tokens(req) == p.tokens
+        assert all(1 <= n <= W for n in req.commit_lens)
+        assert req.commit_lens[:-1] == s.commit_lens[:-1]
+    assert any(n == W for r in reqs for n in r.commit_lens), "no step used the whole verify width"
+    report = sched.worker.acceptance_report()
+    assert (report["block_size"], report["verify_width"]) == (16, W)
+    accepted = torch.cat(sched.step_accept_lens).to(torch.int64) - 1
+    assert report["accepted_drafts_histogram"] == torch.bincount(accepted, minlength=W).tolist()
+    # SGLang's per-request histograms count the same steps (finished rows leave the batch here)
+    summed = [sum(r.spec_correct_drafts_histogram[i] for r in reqs if i < len(r.spec_correct_drafts_histogram))
+              for i in range(W)]
+    assert summed == report["accepted_drafts_histogram"]
+    assert report["steps"] == sum(len(r.commit_lens) for r in reqs)
+    assert len(report["position_accept_rate"]) == W - 1
+
+
 def test_radix_prefix_hit_reuses_the_draft_context(sgl, pair):
     """A prompt that extends a finished request's prompt reuses its KV slots (a radix hit):
     the worker finds the draft context there and drafts the same blocks as without the hit."""
@@ -580,17 +588,18 @@ def test_read_server_settings_from_sglang_runtime_context(published, monkeypatch
     get_context().override("test", speculative_draft_model_path=str(DRAFTER_DIR),
                            speculative_num_draft_tokens=8, enable_hierarchical_cache=True)
     assert read_server_settings("cpu") == _settings(
-        drafter_path=str(DRAFTER_DIR), block_size=8, device="cpu", hierarchical_cache=True, ops_env="torch")
+        drafter_path=str(DRAFTER_DIR), verify_width=8, device="cpu", hierarchical_cache=True, ops_env="torch")
 
 
 def test_drafter_is_checked_against_the_target_sglang_loaded(published):
+    from dataclasses import replace
     from types import SimpleNamespace
 
     from sglang_dflash.reference.tiny_pair import DRAFTER_DIR
     from sglang_dflash.worker.target import SGLangTarget, load_drafter_for
     from sglang_dflash.worker.settings import WorkerConfig
 
-    cfg = WorkerConfig(drafter_path=str(DRAFTER_DIR), block_size=16, op_backend="torch", tp_size=1)
+    cfg = WorkerConfig(drafter_path=str(DRAFTER_DIR), verify_width=16, op_backend="torch", tp_size=1)
 
     def runner(captured, attn_backend=None):
         model = SimpleNamespace(get_input_embeddings=lambda: None, lm_head=torch.nn.Linear(8, 264, bias=False))
@@ -599,6 +608,10 @@ def test_drafter_is_checked_against_the_target_sglang_loaded(published):
 
     drafter = load_drafter_for(cfg, runner([1, 3, 5]), torch.device("cpu"))
     assert drafter.cfg.target_layer_ids == (1, 3, 5) and drafter.ops.backend == "torch"
+    # the target can verify at most the drafter's block
+    assert load_drafter_for(replace(cfg, verify_width=4), runner([1, 3, 5]), torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"--speculative-num-draft-tokens 17 .* exceeds the drafter's block_size 16"):
+        load_drafter_for(replace(cfg, verify_width=17), runner([1, 3, 5]), torch.device("cpu"))
     with pytest.raises(ValueError, match=r"SGLang captures target layers \[1, 3\]"):
         load_drafter_for(cfg, runner([1, 3]), torch.device("cpu"))
 

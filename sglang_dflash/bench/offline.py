@@ -4,6 +4,12 @@ The target decodes each prompt greedily; one target forward over prompt + contin
 gives every position's features; the drafter then walks blocks through the continuation
 (no verify forward). This is the metric DFlash drafters are published with, and on the
 bundled tiny pair it reproduces the reference loop's online tau exactly.
+
+``--verify-width 2,4,8,16`` also walks the same continuations at each verify width W two
+ways: "draft L, verify W" (this plugin: the drafter drafts its trained block of L, the
+target checks the first W positions) and "draft W, verify W" (engines without a verify
+width: the block itself shrinks to W, a context the drafter never saw in training).
+Both give tau and the per-position acceptance at each W.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from ..backend import BACKENDS, get_ops
 from ..acceptance import acceptance_stats
 from ..reference.offline import teacher_forced_commit_lens
 from ..reference.sampling import SamplingParams
-from .plots import write_offline_plot
+from .plots import write_offline_plot, write_verify_width_plot
 
 TINY = "tiny"
 # --draft-kv-dtype: SGLang's --speculative-draft-kv-cache-dtype spellings, plus float32;
@@ -42,7 +48,11 @@ def add_offline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-prompts", type=int, default=None, help="use the first N after shuffling")
     p.add_argument("--shuffle-seed", type=int, default=None, help="shuffle the prompts with this seed")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--block-size", type=int, default=None, help="default: the drafter's")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="the draft block L (default: the drafter's trained block_size)")
+    p.add_argument("--verify-width", type=_widths, default=None, metavar="W[,W...]",
+                   help="also walk each verify width W (2..L) as 'draft L, verify W' and as "
+                        "'draft W, verify W'; adds result.json['verify_widths'] and verify_width.png")
     p.add_argument("--backend", choices=BACKENDS, default="torch")
     p.add_argument("--draft-kv-dtype", choices=list(DRAFT_KV_DTYPES), default="auto",
                    help="dtype of the draft K/V pool, as the server's --speculative-draft-kv-cache-dtype "
@@ -54,6 +64,16 @@ def add_offline_args(p: argparse.ArgumentParser) -> None:
                    help="feed prompts raw instead of through the tokenizer's chat template")
     p.add_argument("--out", type=Path, default=Path("out/bench_offline"),
                    help="directory for result.json and plots")
+
+
+def _widths(text: str) -> list[int]:
+    try:
+        widths = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not widths or widths[0] < 2:
+        raise argparse.ArgumentTypeError(f"expected verify widths >= 2, got {text!r}")
+    return widths
 
 
 def _prompt_texts(args) -> list[str]:
@@ -133,6 +153,9 @@ def run_offline(args) -> dict:
     print(file=sys.stderr)
     lens = teacher_forced_commit_lens(target, drafter, drafter.ops, prompts, continuations, L)
     stats = acceptance_stats([n for per in lens for n in per], L)
+    widths = None
+    if args.verify_width:
+        widths = verify_width_sweep(target, drafter, prompts, continuations, L, args.verify_width)
     return {
         "metric": "offline teacher-forced acceptance length (tokens per verify step, bonus included)",
         "target": args.target, "drafter": args.drafter or TINY, "block_size": L,
@@ -142,7 +165,33 @@ def run_offline(args) -> dict:
         "seconds": round(time.time() - t0, 3),
         **stats.to_dict(),
         "per_prompt_tau": [sum(p) / len(p) if p else 0.0 for p in lens],
+        "verify_widths": widths,
     }
+
+
+def verify_width_sweep(target, drafter, prompts, continuations, L: int, widths: list[int]) -> list[dict]:
+    """Per W: teacher-forced figures of 'draft L, verify W' and of 'draft W, verify W'."""
+    if widths[-1] > L:
+        raise ValueError(f"--verify-width {widths[-1]} exceeds the draft block {L}")
+    rows = []
+    for W in widths:
+        row = {"verify_width": W}
+        for key, block in (("draft_trained_block", L), ("draft_shrunk_block", W)):
+            lens = teacher_forced_commit_lens(target, drafter, drafter.ops, prompts, continuations, block, W)
+            row[key] = {"block_size": block, **acceptance_stats([n for per in lens for n in per], W).to_dict()}
+        rows.append(row)
+    return rows
+
+
+def print_width_table(rows: list[dict]) -> None:
+    L = rows[-1]["draft_trained_block"]["block_size"]
+    print(f"teacher-forced tau by verify width W (draft {L}, verify W | draft W, verify W):")
+    print(f"{'W':>3} {'draft L':>8} {'draft W':>8} {'gain':>7}  P(draft j accepted), draft L")
+    for row in rows:
+        full, shrunk = row["draft_trained_block"], row["draft_shrunk_block"]
+        gain = full["tau"] / shrunk["tau"] - 1 if shrunk["tau"] else float("nan")
+        curve = " ".join(f"{p:.2f}" for p in full["position_accept_rate"])
+        print(f"{row['verify_width']:>3} {full['tau']:>8.3f} {shrunk['tau']:>8.3f} {gain:>+7.1%}  {curve}")
 
 
 def main_offline(args) -> int:
@@ -154,7 +203,12 @@ def main_offline(args) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     write_offline_plot(result, args.out / "acceptance.png")
+    written = [args.out / "result.json", args.out / "acceptance.png"]
     print(f"offline tau {result['tau']:.3f} over {result['steps']} steps "
           f"({result['num_prompts']} prompts, block {result['block_size']}, draft K/V {result['draft_kv_pool']})")
-    print(f"wrote {args.out / 'result.json'} and {args.out / 'acceptance.png'}")
+    if result["verify_widths"]:
+        print_width_table(result["verify_widths"])
+        if write_verify_width_plot(result, args.out / "verify_width.png"):
+            written.append(args.out / "verify_width.png")
+    print("wrote " + ", ".join(str(p) for p in written))
     return 0

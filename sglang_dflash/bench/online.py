@@ -18,6 +18,13 @@ measure. SGLang's per-request `spec_accept_length` counts that first token too; 
 reported beside tau, labelled. Requests with no verify step (max_tokens 1, a stop at the
 first token) are counted, not averaged in; without per-request stats tau is n/a.
 `/server_info`'s running average is recorded in the JSON, never shown as tau.
+
+Per-position acceptance comes two ways: from the per-request histograms (histogram
+index = accepted drafts, at most W - 1 for the server's verify width W =
+`speculative_num_draft_tokens`), and, from a server running this plugin, from the
+worker's server-wide counts in `/server_info` (`internal_states[0].dflash_acceptance`),
+read before and after each level: the difference is that level's `server_acceptance`
+(other clients' traffic in the meantime is counted too).
 """
 
 from __future__ import annotations
@@ -34,6 +41,10 @@ from pathlib import Path
 from ..acceptance import from_accepted_histogram
 from .client import RequestResult, Settings, get_json, run_request
 from .plots import write_online_plots
+
+# the plugin's /server_info key (sglang_dflash.plugin.SERVER_INFO_KEY; not imported, so
+# this module stays free of SGLang)
+SERVER_INFO_KEY = "dflash_acceptance"
 from .prompts import DATASETS, PromptItem, load_prompts
 
 DEFAULT_LEVELS = (1, 4, 16, 32)
@@ -53,7 +64,7 @@ def percentiles(values: list[float]) -> dict:
     return {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "mean": sum(xs) / len(xs), "n": len(xs)}
 
 
-def level_acceptance(ok: list[RequestResult], block_size: int | None,
+def level_acceptance(ok: list[RequestResult], verify_width: int | None,
                      speculative: bool = False) -> dict:
     """tau per verify step (first token excluded) over the requests that had verify steps,
     how many had none or no stats, SGLang's own figure, and the per-position curve.
@@ -75,8 +86,8 @@ def level_acceptance(ok: list[RequestResult], block_size: int | None,
                 histogram[accepted] += int(count)
     rates = None
     if histogram:
-        L = max(block_size or 0, len(histogram))
-        rates = list(from_accepted_histogram(histogram, L).position_accept_rate)
+        W = max(verify_width or 0, len(histogram))
+        rates = list(from_accepted_histogram(histogram, W).position_accept_rate)
     return {
         "tau": sum(r.completion_tokens - 1 for r in stepped) / steps if steps else None,
         "tau_source": ("per-request sglext.spec_tokens_details: sum(completion_tokens - 1) / "
@@ -95,8 +106,8 @@ def level_acceptance(ok: list[RequestResult], block_size: int | None,
 
 
 def summarize_level(concurrency: int, results: list[RequestResult], wall_s: float,
-                    server_avg: float | None, block_size: int | None = None,
-                    speculative: bool = False) -> dict:
+                    server_avg: float | None, verify_width: int | None = None,
+                    speculative: bool = False, server_acceptance: dict | None = None) -> dict:
     """Everything measured at one concurrency level, JSON-ready."""
     ok = [r for r in results if r.ok]
     tokens = sum(r.completion_tokens for r in ok)
@@ -107,8 +118,9 @@ def summarize_level(concurrency: int, results: list[RequestResult], wall_s: floa
         "wall_s": wall_s, "output_tokens": tokens, "output_tok_s": tokens / wall_s,
         "requests_per_s": len(ok) / wall_s,
         "tokens_from_usage": all(r.tokens_from_usage for r in ok) if ok else None,
-        **level_acceptance(ok, block_size, speculative),
+        **level_acceptance(ok, verify_width, speculative),
         "server_info_avg_spec_accept_length": server_avg,
+        "server_acceptance": server_acceptance,
         "ttft_s": percentiles([r.ttft_s for r in ok]),
         "itl_s": percentiles([x for r in ok for x in r.itl_s]),
         "tpot_s": percentiles([(r.latency_s - r.ttft_s) / (r.completion_tokens - 1)
@@ -119,15 +131,32 @@ def summarize_level(concurrency: int, results: list[RequestResult], wall_s: floa
     }
 
 
-def server_avg_tau(base_url: str, s: Settings) -> float | None:
-    """SGLang's running server-level average (recorded beside a level, never as its tau)."""
+def server_state(base_url: str, s: Settings) -> dict:
+    """``/server_info``'s ``internal_states[0]`` (SGLang's scheduler state), {} if none."""
     info = get_json(base_url, "/server_info", s.timeout_s, s.api_key) or {}
     states = info.get("internal_states") or [{}]
-    return states[0].get("avg_spec_accept_length") if isinstance(states[0], dict) else None
+    return states[0] if isinstance(states[0], dict) else {}
 
 
-def server_block_size(server_info: dict | None) -> int | None:
-    """The verify block a SGLang server runs (speculative_num_draft_tokens), if it says."""
+def acceptance_delta(before: dict, after: dict) -> dict | None:
+    """Figures of the verify steps a server counted between two ``server_state`` reads,
+    from this plugin's ``dflash_acceptance`` counts (None from any other server)."""
+    a, b = after.get(SERVER_INFO_KEY), before.get(SERVER_INFO_KEY)
+    if not isinstance(a, dict) or not isinstance(a.get("accepted_drafts_histogram"), list):
+        return None
+    hist = [int(x) for x in a["accepted_drafts_histogram"]]
+    if isinstance(b, dict) and len(b.get("accepted_drafts_histogram") or []) == len(hist):
+        hist = [x - int(y) for x, y in zip(hist, b["accepted_drafts_histogram"])]
+    if min(hist, default=0) < 0:
+        raise ValueError(f"{SERVER_INFO_KEY} counts went down during the level (server restarted?)")
+    stats = from_accepted_histogram(hist, int(a.get("verify_width") or len(hist)))
+    return {"source": f"/server_info internal_states[0].{SERVER_INFO_KEY}, after minus before the level",
+            "block_size": a.get("block_size"), "verify_width": a.get("verify_width"),
+            "accepted_drafts_histogram": hist, **stats.to_dict()}
+
+
+def server_verify_width(server_info: dict | None) -> int | None:
+    """The verify width W a SGLang server runs (speculative_num_draft_tokens), if it says."""
     value = (server_info or {}).get("speculative_num_draft_tokens")
     return value if isinstance(value, int) and value >= 2 else None
 
@@ -145,6 +174,7 @@ def run_level(base_url: str, items: list[PromptItem], concurrency: int, num_requ
                          f"got {concurrency} and {num_requests}")
     batch = [items[i % len(items)] for i in range(num_requests)]
     lock, done = threading.Lock(), {"n": 0, "failed": 0, "tokens": 0}
+    before = server_state(base_url, s)
     t0 = time.perf_counter()
 
     def one(item: PromptItem) -> RequestResult:
@@ -163,8 +193,10 @@ def run_level(base_url: str, items: list[PromptItem], concurrency: int, num_requ
         results = list(pool.map(one, batch))
     wall = time.perf_counter() - t0
     print(file=sys.stderr)
-    return summarize_level(concurrency, results, wall, server_avg_tau(base_url, s),
-                           server_block_size(server_info), s.spec_details and server_speculates(server_info))
+    after = server_state(base_url, s)
+    return summarize_level(concurrency, results, wall, after.get("avg_spec_accept_length"),
+                           server_verify_width(server_info), s.spec_details and server_speculates(server_info),
+                           acceptance_delta(before, after))
 
 
 def run_sweep(base_url: str, items: list[PromptItem], levels: list[int], s: Settings,
@@ -192,12 +224,15 @@ def print_table(result: dict) -> None:
         return "n/a" if x is None else format(x, spec)
 
     print("tau: tokens per verify step, each request's first (prefill) token excluded; "
-          "sglang: SGLang's accept length, which counts it")
-    print(f"{'conc':>5} {'ok':>5} {'tau':>6} {'sglang':>6} {'no-vfy':>6} {'tok/s':>9} {'speedup':>8} "
-          f"{'ttft p50':>9} {'ttft p99':>9} {'itl p50':>8} {'itl p99':>8}  (seconds)")
+          "sglang: SGLang's accept length, which counts it; server: the worker's own counts "
+          "(/server_info dflash_acceptance, untrimmed commit lengths)")
+    print(f"{'conc':>5} {'ok':>5} {'tau':>6} {'sglang':>6} {'server':>6} {'no-vfy':>6} {'tok/s':>9} "
+          f"{'speedup':>8} {'ttft p50':>9} {'ttft p99':>9} {'itl p50':>8} {'itl p99':>8}  (seconds)")
     for lv in result["levels"]:
         c, t, i = lv["concurrency"], lv["ttft_s"], lv["itl_s"]
+        server_tau = (lv.get("server_acceptance") or {}).get("tau")
         print(f"{c:>5} {lv['ok']:>5} {f(lv['tau'], '.3f'):>6} {f(lv['sglang_accept_length'], '.3f'):>6} "
+              f"{f(server_tau, '.3f'):>6} "
               f"{lv['no_verify_requests']:>6} {f(lv['output_tok_s'], '.1f'):>9} "
               f"{f(speed.get(c), '.2f'):>8} {f(t['p50'], '.3f'):>9} {f(t['p99'], '.3f'):>9} "
               f"{f(i['p50'], '.4f'):>8} {f(i['p99'], '.4f'):>8}")

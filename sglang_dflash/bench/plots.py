@@ -58,6 +58,9 @@ def write_online_plots(result: dict, out: Path) -> list[str]:
     written = ["tau_and_throughput.png"]
 
     with_hist = [lv for lv in levels if lv["accept_len_histogram"]]
+    with_server = [lv for lv in levels if lv.get("server_acceptance")]
+    if with_hist or with_server:
+        written.append(_position_plot(with_hist, with_server, out / "position_acceptance.png", plt))
     if not with_hist:
         return written
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -76,21 +79,27 @@ def write_online_plots(result: dict, out: Path) -> list[str]:
     fig.tight_layout()
     fig.savefig(out / "accept_len_histogram.png", dpi=120)
     plt.close(fig)
-    written.append("accept_len_histogram.png")
+    written.insert(1, "accept_len_histogram.png")
+    return written
 
+
+def _position_plot(with_hist: list[dict], with_server: list[dict], path: Path, plt) -> str:
+    """P(draft j accepted) per level: solid from the per-request histograms, dashed from
+    the server's own counts (/server_info), when it reports them."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    for lv in with_hist:
-        rates = lv["position_accept_rate"]
-        ax.plot(range(1, len(rates) + 1), rates, "o-", label=f"c={lv['concurrency']}")
-    ax.set_xticks(range(1, max(len(lv["position_accept_rate"]) for lv in with_hist) + 1))
+    curves = [(lv["position_accept_rate"], "o-", f"c={lv['concurrency']} per-request") for lv in with_hist]
+    curves += [(lv["server_acceptance"]["position_accept_rate"], "x--", f"c={lv['concurrency']} server counts")
+               for lv in with_server]
+    for rates, style, label in curves:
+        ax.plot(range(1, len(rates) + 1), rates, style, label=label)
+    ax.set_xticks(range(1, max(len(r) for r, _, _ in curves) + 1))
     ax.set(xlabel="draft position j", ylabel="P(draft j accepted)", ylim=(0, 1.02),
            title="per-position acceptance")
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "position_acceptance.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    written.append("position_acceptance.png")
-    return written
+    return path.name
 
 
 def write_offline_plot(result: dict, path: Path) -> None:
@@ -111,3 +120,36 @@ def write_offline_plot(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def write_verify_width_plot(result: dict, path: Path) -> bool:
+    """tau by verify width W for 'draft L, verify W' and 'draft W, verify W', and the
+    per-position acceptance of each; False when matplotlib is missing."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    rows = result["verify_widths"]
+    L = rows[-1]["draft_trained_block"]["block_size"]
+    widths = [r["verify_width"] for r in rows]
+    fig, (ax_tau, ax_full, ax_shrunk) = plt.subplots(1, 3, figsize=(15, 4))
+    ax_tau.plot(widths, [r["draft_trained_block"]["tau"] for r in rows], "o-", label=f"draft {L}, verify W")
+    ax_tau.plot(widths, [r["draft_shrunk_block"]["tau"] for r in rows], "s--", label="draft W, verify W")
+    ax_tau.set_xticks(widths)
+    ax_tau.set(xlabel="verify width W", ylabel="tau (tokens per verify step)",
+               title=f"teacher-forced tau (tau at W = {L}: {rows[-1]['draft_trained_block']['tau']:.2f})")
+    ax_tau.legend()
+    # at most 6 curves per panel, spread over the widths (every number is in result.json)
+    shown = rows if len(rows) <= 6 else [rows[round(i * (len(rows) - 1) / 5)] for i in range(6)]
+    for ax, key, title in ((ax_full, "draft_trained_block", f"draft {L}, verify W"),
+                           (ax_shrunk, "draft_shrunk_block", "draft W, verify W")):
+        for r in shown:
+            rates = r[key]["position_accept_rate"]
+            ax.plot(range(1, len(rates) + 1), rates, "o-", markersize=3, label=f"W={r['verify_width']}")
+        ax.set_xticks(range(1, L))
+        ax.set(xlabel="draft position j", ylabel="P(draft j accepted)", ylim=(0, 1.02),
+               title=f"per-position acceptance, {title}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

@@ -2,10 +2,13 @@
 
 One step for a batch of requests whose last committed token sits at position ``s``:
 
-  draft   block = [last token, MASK x (L-1)] at positions s..s+L-1; one drafter forward
-          whose keys/values are the context K/V of positions < s plus the block's own;
-          drafts = greedy argmax through the target's lm_head.
-  verify  the target runs the L candidates from its committed state, keeping nothing.
+  draft   block = [last token, MASK x (L-1)] at positions s..s+L-1, L the drafter's
+          trained block; one drafter forward whose keys/values are the context K/V of
+          positions < s plus the block's own; drafts = greedy argmax through the target's
+          lm_head, for the first W-1 mask positions only.
+  verify  the target runs the W candidates [last token, draft 1 .. draft W-1] from its
+          committed state, keeping nothing. W (the verify width, 2..L) is what the target
+          pays for; the draft block stays L, the context the drafter was trained with.
   accept  greedy: longest prefix with draft[j+1] == argmax_target[j], then the bonus;
           sampled: accept a draft with probability p(draft), else resample from p
           without it (lossless for a point-mass proposal). Stops cut the step short.
@@ -116,13 +119,15 @@ def _stop_table(reqs: list[_Request]) -> torch.Tensor:
 
 
 def draft_block(target, drafter, ops: Ops, pool, last: torch.Tensor, start: torch.Tensor,
-                slot_base: torch.Tensor, L: int) -> torch.Tensor:
-    """candidates [B, L]: the last committed token followed by L-1 greedy drafts.
+                slot_base: torch.Tensor, L: int, W: int | None = None) -> torch.Tensor:
+    """candidates [B, W]: the last committed token followed by W-1 greedy drafts of a
+    block of L (W defaults to L).
 
     last [B] last committed tokens, start [B] their positions (= context lengths),
     slot_base [B] where each request's position 0 lives in the draft pool.
     """
-    B, device = last.shape[0], last.device
+    B, device, W = last.shape[0], last.device, W or L
+    check_verify_width(W, L)
     block = torch.full((B, L), drafter.cfg.mask_token_id, dtype=torch.long, device=device)
     block[:, 0] = last
     positions = start[:, None] + torch.arange(L, device=device)[None, :]  # [B, L]
@@ -130,9 +135,16 @@ def draft_block(target, drafter, ops: Ops, pool, last: torch.Tensor, start: torc
     cols = torch.arange(max(int(start.max()), 1), device=device)[None, :]
     slot_table = torch.where(cols < start[:, None], slot_base[:, None] + cols, 0)  # [B, S]
     embeds = target.model.embed_tokens(block)  # [B, L, H]
-    hidden = drafter.forward_block(pool, embeds, positions, slot_table, start)
-    _, drafts = ops.greedy_head(hidden[:, 1:].reshape(B * (L - 1), -1), target.lm_head.weight, 0)
-    return torch.cat([last[:, None], drafts.view(B, L - 1)], dim=1)
+    hidden = drafter.forward_block(pool, embeds, positions, slot_table, start)  # [B, L, H]
+    # every mask position shapes the others (attention is bidirectional in the block), but
+    # only the W-1 the target verifies need a token
+    _, drafts = ops.greedy_head(hidden[:, 1:W].reshape(B * (W - 1), -1), target.lm_head.weight, 0)
+    return torch.cat([last[:, None], drafts.view(B, W - 1)], dim=1)
+
+
+def check_verify_width(W: int, L: int) -> None:
+    if not 2 <= W <= L:
+        raise ValueError(f"verify width must lie in 2..{L} (the drafter's block), got {W}")
 
 
 def _accept(ops: Ops, reqs, candidates, logits, gen):
@@ -161,11 +173,16 @@ def _accept(ops: Ops, reqs, candidates, logits, gen):
 
 
 def generate_dflash(target, drafter, prompts: list[list[int]], params: list[SamplingParams],
-                    ops: Ops, *, block_size: int | None = None, seed: int = 0) -> list[RequestResult]:
-    """Speculative decoding of a batch of requests with a DFlash drafter."""
+                    ops: Ops, *, block_size: int | None = None, verify_width: int | None = None,
+                    seed: int = 0) -> list[RequestResult]:
+    """Speculative decoding of a batch of requests with a DFlash drafter: blocks of
+    ``block_size`` (default: the drafter's), ``verify_width`` of them verified (default:
+    all)."""
     L = block_size or drafter.cfg.block_size
     if L < 2:
         raise ValueError(f"block_size must be >= 2, got {L}")
+    W = verify_width or L
+    check_verify_width(W, L)
     gen = torch.Generator().manual_seed(seed)
     eos = tuple(target.config.eos_token_ids)
     target.set_capture_layers(drafter.cfg.target_layer_ids)
@@ -188,10 +205,10 @@ def generate_dflash(target, drafter, prompts: list[list[int]], params: list[Samp
             target, drafter, ops, pool,
             last=torch.tensor([r.result.tokens[-1] for r in active], device=device),
             start=torch.tensor([r.last_position for r in active], device=device),
-            slot_base=torch.tensor([r.slot_base for r in active], device=device), L=L,
+            slot_base=torch.tensor([r.slot_base for r in active], device=device), L=L, W=W,
         )
         verified = [target.extend(r.state, candidates[b]) for b, r in enumerate(active)]
-        logits = torch.stack([v.logits for v in verified])  # [B, L, V]
+        logits = torch.stack([v.logits for v in verified])  # [B, W, V]
         accept_len, emitted = _accept(ops, active, candidates, logits, gen)
         for b, (req, out) in enumerate(zip(active, verified)):
             commit_len = int(accept_len[b]) + 1

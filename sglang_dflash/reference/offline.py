@@ -7,6 +7,10 @@
    that equals the continuation, emit accept_len + 1 tokens (cut at the continuation's
    end), move s forward by that many. No verify forward runs: the continuation *is* what
    the target would predict, so online greedy decoding visits exactly the same blocks.
+
+With a verify width W < L the drafter still drafts its block of L and only the first W-1
+drafts can be accepted (commit_len <= W), as the online loop does with ``verify_width``;
+"draft W, verify W" (what engines without a verify width do) is block_size = W.
 """
 
 from __future__ import annotations
@@ -15,14 +19,18 @@ import torch
 
 from ..acceptance import AcceptanceStats, acceptance_stats
 from ..backend import Ops
-from .loop import RequestResult, draft_block, generate_plain
+from .loop import RequestResult, check_verify_width, draft_block, generate_plain
 from .sampling import SamplingParams
 
 
 def teacher_forced_commit_lens(target, drafter, ops: Ops, prompts: list[list[int]],
-                               continuations: list[list[int]], block_size: int) -> list[list[int]]:
-    """commit_len of every block walked through each (prompt, continuation) pair."""
+                               continuations: list[list[int]], block_size: int,
+                               verify_width: int | None = None) -> list[list[int]]:
+    """commit_len of every block walked through each (prompt, continuation) pair: blocks
+    of ``block_size``, the first ``verify_width`` (default: all) positions verified."""
     L = block_size
+    W = verify_width or L
+    check_verify_width(W, L)
     target.set_capture_layers(drafter.cfg.target_layer_ids)
     seqs = [list(p) + list(c) for p, c in zip(prompts, continuations, strict=True)]
     pool = drafter.new_pool(sum(len(s) for s in seqs))
@@ -42,14 +50,14 @@ def teacher_forced_commit_lens(target, drafter, ops: Ops, prompts: list[list[int
             target, drafter, ops, pool,
             last=torch.tensor([seqs[i][starts[i]] for i in active]),
             start=torch.tensor([starts[i] for i in active]),
-            slot_base=torch.tensor([bases[i] for i in active]), L=L,
+            slot_base=torch.tensor([bases[i] for i in active]), L=L, W=W,
         )
         for row, i in enumerate(active):
             s, seq = starts[i], seqs[i]
             left = len(seq) - 1 - s  # tokens still to emit after position s
             drafts = candidates[row, 1:].tolist()
             accept = 0
-            while accept < min(L - 1, left) and drafts[accept] == seq[s + 1 + accept]:
+            while accept < min(W - 1, left) and drafts[accept] == seq[s + 1 + accept]:
                 accept += 1
             commit_len = min(accept + 1, left)
             commit_lens[i].append(commit_len)
@@ -59,10 +67,12 @@ def teacher_forced_commit_lens(target, drafter, ops: Ops, prompts: list[list[int
 
 def offline_acceptance(target, drafter, ops: Ops, prompts: list[list[int]], *,
                        max_new_tokens: int, block_size: int | None = None,
+                       verify_width: int | None = None,
                        ignore_eos: bool = False) -> tuple[AcceptanceStats, list[RequestResult]]:
     """Teacher-forced tau over a prompt set, with the continuations it walked."""
     L = block_size or drafter.cfg.block_size
+    W = verify_width or L
     params = [SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=ignore_eos)] * len(prompts)
     greedy = generate_plain(target, prompts, params)
-    lens = teacher_forced_commit_lens(target, drafter, ops, prompts, [r.tokens for r in greedy], L)
-    return acceptance_stats([n for per in lens for n in per], L), greedy
+    lens = teacher_forced_commit_lens(target, drafter, ops, prompts, [r.tokens for r in greedy], L, W)
+    return acceptance_stats([n for per in lens for n in per], W), greedy

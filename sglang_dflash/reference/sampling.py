@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..sampling import TOP_K_ALL, RowSampling, target_probs
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -18,6 +20,8 @@ class SamplingParams:
     top_p: float = 1.0
     # 0 disables top-k
     top_k: int = 0
+    # 0 disables min-p; else tokens below min_p x the top probability are dropped
+    min_p: float = 0.0
     # extra stop ids on top of the target's EOS ids
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
@@ -31,6 +35,8 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"SamplingParams.top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.min_p < 1:
+            raise ValueError(f"SamplingParams.min_p must be in [0, 1), got {self.min_p}")
 
     @property
     def greedy(self) -> bool:
@@ -40,25 +46,18 @@ class SamplingParams:
         return tuple(self.stop_token_ids) + (() if self.ignore_eos else tuple(eos_token_ids))
 
 
-def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Target distribution after temperature, top-k and top-p, normalised, fp32.
-
-    logits: [..., V]. Ties at the top-k / top-p boundary keep every tied token, so the
-    result does not depend on sort stability.
-    """
+def probs_from_logits(logits: torch.Tensor, params: SamplingParams, backend: str = "pytorch") -> torch.Tensor:
+    """Target distribution [..., V] fp32 of logits [..., V]: SGLang's sampler's definition of
+    temperature, top-k, top-p and min-p for ``backend`` (``sglang_dflash.sampling``), for a
+    request sampled on its own (the batch-wide filter flags are this request's)."""
     assert not params.greedy, "greedy requests take the argmax, not a distribution"
-    scaled = logits.float() / params.temperature
-    if params.top_k > 0 and params.top_k < scaled.shape[-1]:
-        kth = scaled.topk(params.top_k, dim=-1).values[..., -1:]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    probs = torch.softmax(scaled, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, _ = probs.sort(dim=-1, descending=True)
-        # mass strictly before each sorted token; keep tokens whose preceding mass < top_p
-        before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        keep_sorted = before < params.top_p
-        # the smallest kept probability is the threshold, applied by value (tie-safe)
-        threshold = sorted_probs.masked_fill(~keep_sorted, float("inf")).min(dim=-1, keepdim=True).values
-        probs = probs.masked_fill(probs < threshold, 0.0)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
-    return probs
+    V = logits.shape[-1]
+    rows = logits.reshape(-1, V)
+    N = rows.shape[0]
+    top_k = params.top_k if 0 < params.top_k < TOP_K_ALL else TOP_K_ALL
+    sampling = RowSampling(
+        temperatures=torch.full((N,), params.temperature), top_ks=torch.full((N,), top_k),
+        top_ps=torch.full((N,), params.top_p), min_ps=torch.full((N,), params.min_p),
+        need_top_k=top_k != TOP_K_ALL, max_top_k=top_k if top_k != TOP_K_ALL else None,
+        need_top_p=params.top_p != 1.0, need_min_p=params.min_p > 0)
+    return target_probs(rows, sampling, backend).view(logits.shape)

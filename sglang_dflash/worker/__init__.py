@@ -28,7 +28,8 @@ each after the target's; ``prewarm_sampling()``. The scheduler also reads
 ``draft_swa_window`` and ``_draft_model_runners()``; ``BaseSpecWorker`` answers all of
 them from ``draft_worker``, which is None here (the drafter is a torch module, not an
 SGLang ModelRunner). Later: ``on_verify_complete_cpu`` after each verify result reaches
-the host, ``note_request_finished``, ``clear_cache_pool`` on a cache flush (no-ops).
+the host (the worker counts accepted drafts there, ``stats``), ``note_request_finished``,
+``clear_cache_pool`` on a cache flush (no-ops).
 
 ``forward_batch_generation(batch, on_publish=None, grammar_barrier=None,
 pp_proxy_tensors=None) -> GenerationBatchResult`` runs once per iteration inside the
@@ -51,12 +52,14 @@ and the next iteration may be prepared on the host while this one runs.
   ``bonus_tokens`` are resolved from the FutureMap), ``bonus_tokens [B]`` are the last
   committed tokens, ``seq_lens [B]`` (device) and ``seq_lens_cpu`` the committed
   lengths, and ``DFlashDraftInputV2.prepare_for_decode`` has already reserved KV slots
-  for positions ``seq_lens .. seq_lens + 2L - 1`` in ``req_to_token``. Return
-  ``GenerationBatchResult(next_token_ids [B*L], accept_lens [B] int32 = commit_len,
-  speculative_num_draft_tokens = L, new_seq_lens [B], next_draft_input =
+  for positions ``seq_lens .. seq_lens + 2W - 1`` in ``req_to_token``, W =
+  ``--speculative-num-draft-tokens`` (the verify width; the drafter still drafts its whole
+  trained block of L >= W positions, and only the first W are verified). Return
+  ``GenerationBatchResult(next_token_ids [B*W], accept_lens [B] int32 = commit_len,
+  speculative_num_draft_tokens = W, new_seq_lens [B], next_draft_input =
   DFlashDraftInputV2(bonus, new_seq_lens), logits_output, can_run_cuda_graph)``, calling
   ``on_publish(new_seq_lens)`` as soon as they are known. The scheduler then reads row b
-  of ``next_token_ids`` (stride L) up to ``accept_lens[b]``, adds that to the request's
+  of ``next_token_ids`` (stride W) up to ``accept_lens[b]``, adds that to the request's
   ``output_ids`` and ``kv_committed_len``, counts ``spec_verify_ct += 1``, and trims the
   run at EOS / stop ids / ``max_new_tokens`` (``Req.update_finish_state``). Without
   overlap it sets ``batch.seq_lens = new_seq_lens``. Reserved slots past the committed
@@ -72,7 +75,7 @@ length (KDA fused-accept), whichever the target's backend was built for. The pro
 kernels that would feed it belong to SGLang's KDA backend.
 
 The draft context K/V lives in a pool indexed by the target's KV slot ids: a slot gets
-its draft K/V whenever the target writes its KV (every extend token, every verify block
+its draft K/V whenever the target writes its KV (every extend token, every verified block
 position), so a radix-cache prefix hit finds the draft context of its tokens too, and
 positions a verify rejects are overwritten by a later block exactly as the target's are.
 """

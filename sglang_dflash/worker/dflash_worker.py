@@ -15,14 +15,16 @@ from sglang.srt.managers.utils import GenerationBatchResult
 from sglang.srt.runtime_context import get_parallel, mamba_track_grid
 from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 from sglang.srt.speculative.dflash_info_v2 import DFlashDraftInputV2
-from sglang.srt.speculative.dflash_utils import apply_dflash_verify_logits_adjustments
 from sglang.srt.speculative.draft_worker_common import make_draft_input_v2
 from sglang.srt.speculative.spec_sampling_mask import SpeculativeSamplingMaskCapture
 from sglang.srt.speculative.spec_utils import GrammarTree, build_grammar_vocab_mask
 
 from ..kernels.draft_attention import sm_count
 from .draft_graph import CudaGraphCapture, DraftParts, DraftRunner
+from .history import OutputHistory
+from .logits import apply_custom_processors, block_penalties, history_frequency, penalise_block
 from .settings import WorkerConfig, read_server_settings, worker_config
+from .stats import AcceptanceCounter
 from .steps import (
     RowSampling,
     SpecOutputs,
@@ -74,7 +76,7 @@ class DFlashWorker(BaseSpecWorker):
         cfg = worker_config(read_server_settings(str(device), draft_model.dtype))
         drafter = load_drafter_for(cfg, target_worker.model_runner, device)
         tp_group = get_parallel().tp_group if cfg.tp_size > 1 else None
-        self._setup(target_worker, cfg, drafter, SGLangTarget(target_worker, cfg.block_size), tp_group)
+        self._setup(target_worker, cfg, drafter, SGLangTarget(target_worker, cfg.verify_width), tp_group)
 
     @classmethod
     def from_parts(cls, target_worker, cfg: WorkerConfig, drafter, target, tp_group=None) -> DFlashWorker:
@@ -89,15 +91,19 @@ class DFlashWorker(BaseSpecWorker):
         # no SGLang draft worker: every draft-runner hook of BaseSpecWorker sees None
         self._draft_worker = None
         self.cfg, self.drafter, self.target, self.tp_group = cfg, drafter, target, tp_group
-        self.block_size = cfg.block_size
+        # the drafter always drafts its trained block L; the target verifies W <= L of it
+        self.block_size = drafter.cfg.block_size
+        self.verify_width = cfg.verify_width
+        self.acceptance = AcceptanceCounter(self.verify_width)
         self.mask_token_id = drafter.cfg.mask_token_id
         self.device = target.lm_head_weight.device
         self.pool = None
         self.pool_slots = 0
         self.draft_runner = None
+        self.history: OutputHistory | None = None
         self.commit_linear_state = False
-        logger.info("DFlash worker: drafter %s, block %d, ops %s, tp %d", cfg.drafter_path,
-                    cfg.block_size, cfg.op_backend, cfg.tp_size)
+        logger.info("DFlash worker: drafter %s, block %d, verify width %d, ops %s, tp %d", cfg.drafter_path,
+                    self.block_size, self.verify_width, cfg.op_backend, cfg.tp_size)
 
     # ---- start-up hooks ----
 
@@ -117,7 +123,8 @@ class DFlashWorker(BaseSpecWorker):
         self.draft_runner = DraftRunner(DraftParts(
             drafter=self.drafter, pool=self.pool, embed=self.target.embed_tokens, head=self._greedy_tokens,
             req_to_token=req_to_token_pool.req_to_token, mask_token_id=self.mask_token_id,
-            block_size=self.block_size))
+            block_size=self.block_size, verify_width=self.verify_width))
+        self.history = OutputHistory(req_to_token_pool.req_to_token.shape[0], self.verify_width, self.device)
 
     def _check_planned_bytes(self, planner) -> None:
         """The draft pool costs per token what SGLang's memory planner set aside for it."""
@@ -164,10 +171,21 @@ class DFlashWorker(BaseSpecWorker):
         vocab = self.target.lm_head_weight.shape[0] * self.cfg.tp_size
         launches = serving_launches(
             self.drafter, self.req_to_token_pool.req_to_token, self.target.lm_head_weight.shape[0], vocab,
-            self.cfg.tp_size, self.block_size, self.cfg.cuda_graph_bs or EAGER_BATCH_SIZES, sm_count(self.device))
+            self.cfg.tp_size, self.block_size, self.verify_width, self.cfg.cuda_graph_bs or EAGER_BATCH_SIZES,
+            sm_count(self.device))
         binaries, _ = warm_up(launches)
         logger.info("DFlash warm-up: compiled %d Triton binaries (%d launches recorded) in %.1f s",
                     binaries, len(launches), time.perf_counter() - start)
+
+    # ---- acceptance counts (/server_info) ----
+
+    def on_verify_complete_cpu(self, num_correct_drafts_per_req: list[int], batch_size: int = 0) -> None:
+        # SGLang's accepted-draft count of every row of the verify it just settled, on the host
+        self.acceptance.add(num_correct_drafts_per_req)
+
+    def acceptance_report(self) -> dict:
+        """Server-wide acceptance at this worker's verify width (see ``stats``)."""
+        return self.acceptance.report(self.block_size)
 
     # ---- the step ----
 
@@ -192,6 +210,7 @@ class DFlashWorker(BaseSpecWorker):
         self.drafter.append_context(self.pool, features, positions, batch.out_cache_loc)
         # the overlap scheduler would copy it to the host otherwise
         out.logits_output.hidden_states = None
+        self._start_history(batch, out)
         out.next_draft_input = make_draft_input_v2(bonus_tokens=out.next_token_ids, new_seq_lens=batch.seq_lens)
         return out
 
@@ -205,7 +224,7 @@ class DFlashWorker(BaseSpecWorker):
             accept_lens=torch.empty((0,), dtype=torch.int32, device=self.device),
             next_draft_input=empty,
             can_run_cuda_graph=False,
-            speculative_num_draft_tokens=self.block_size,
+            speculative_num_draft_tokens=self.verify_width,
             new_seq_lens=empty.new_seq_lens,
         )
 
@@ -218,35 +237,37 @@ class DFlashWorker(BaseSpecWorker):
         if seq_lens.is_cuda:
             # under overlap, seq_lens may come from the previous iteration's stream
             seq_lens.record_stream(torch.cuda.current_stream(seq_lens.device))
-        B, L = seq_lens.shape[0], self.block_size
+        B, L, W = seq_lens.shape[0], self.block_size, self.verify_width
         block_ids, positions, cache_loc = block_inputs(
             draft_input.bonus_tokens, seq_lens, batch.req_pool_indices, self.target.req_to_token,
-            self.mask_token_id, L)
-        candidates = self._draft(batch, block_ids, positions)
+            self.mask_token_id, L, W)
+        candidates = self._draft(batch, block_ids, positions)  # [B, W]
+        positions = positions[:, :W]  # from here on: the verified positions
         grammar_tree = GrammarTree.from_linear_chain(candidates) if batch.has_grammar else None
 
         target_out = self.target.verify(batch, candidates, positions, cache_loc)
         logits_output = target_out.logits_output
-        logits = self._verify_logits(batch, logits_output, grammar_tree, grammar_barrier)
+        logits, penalties = self._verify_logits(batch, logits_output, candidates, grammar_tree, grammar_barrier)
         sampling, greedy_rows = row_sampling(batch.sampling_info)
-        accept_len, emitted = accept_block(self.drafter.ops, candidates, logits.reshape(B, L, -1),
-                                           sampling, greedy_rows)
+        accept_len, emitted = accept_block(self.drafter.ops, candidates, logits.reshape(B, W, -1),
+                                           sampling, greedy_rows, self.cfg.sampling_backend)
         out = spec_outputs(accept_len, emitted, seq_lens)
+        self.history.commit(batch.req_pool_indices, emitted, out.commit_lens, history_frequency(penalties))
         # requests asking for the support of their sampling distribution (return_sampling_mask)
         capture = SpeculativeSamplingMaskCapture.from_logits(
-            batch.sampling_info, next_token_logits=logits, draft_input=draft_input, draft_token_num=L, bs=B)
+            batch.sampling_info, next_token_logits=logits, draft_input=draft_input, draft_token_num=W, bs=B)
         if capture is not None:
             logits_output.sampling_mask_output = capture.build_output(
-                out_tokens=out.next_token_ids.view(B, L), commit_lens=out.commit_lens)
+                out_tokens=out.next_token_ids.view(B, W), commit_lens=out.commit_lens)
         if batch.return_logprob:
-            compute_spec_logprobs(batch, logits_output, out.next_token_ids, chain_stride=L)
+            compute_spec_logprobs(batch, logits_output, out.next_token_ids, chain_stride=W)
         if self.commit_linear_state:
             self._commit_linear_state(batch, seq_lens, out)
         if on_publish is not None:
             on_publish(out.new_seq_lens)
 
-        # the draft context of every block position, at the slots the verify wrote
-        features = self._features(logits_output, B * L)
+        # the draft context of every verified position, at the slots the verify wrote
+        features = self._features(logits_output, B * W)
         self.drafter.append_context(self.pool, features, positions.reshape(-1), cache_loc.reshape(-1))
         logits_output.hidden_states = None
         return GenerationBatchResult(
@@ -255,7 +276,7 @@ class DFlashWorker(BaseSpecWorker):
             accept_lens=out.commit_lens,
             can_run_cuda_graph=target_out.can_run_cuda_graph,
             next_draft_input=make_draft_input_v2(bonus_tokens=out.bonus, new_seq_lens=out.new_seq_lens),
-            speculative_num_draft_tokens=L,
+            speculative_num_draft_tokens=W,
             new_seq_lens=out.new_seq_lens,
             routed_experts_output=target_out.routed_experts_output,
             indexer_topk_output=target_out.indexer_topk_output,
@@ -264,9 +285,10 @@ class DFlashWorker(BaseSpecWorker):
     # ---- pieces of the step ----
 
     def _draft(self, batch, block_ids, positions) -> torch.Tensor:
-        """candidates [B, L]: the bonus token followed by L-1 greedy drafts, from the batch
-        bucket's CUDA graph or eagerly (``draft_graph``); the block and its ``positions``
-        are rebuilt there from the bonus and ``seq_lens``, with static shapes."""
+        """candidates [B, W]: the bonus token followed by the first W-1 greedy drafts of the
+        whole drafted block, from the batch bucket's CUDA graph or eagerly (``draft_graph``);
+        the block and its ``positions`` are rebuilt there from the bonus and ``seq_lens``,
+        with static shapes."""
         return self.draft_runner.draft(block_ids[:, 0], batch.seq_lens, batch.req_pool_indices)
 
     def _greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -285,19 +307,39 @@ class DFlashWorker(BaseSpecWorker):
         # highest logit over the shards, ties to the lowest token id (one full-vocab argmax)
         return self.drafter.ops.combine_shards(gathered_max.view(P, T), gathered_ids.view(P, T))
 
-    def _verify_logits(self, batch, logits_output, grammar_tree, grammar_barrier) -> torch.Tensor:
-        """[B*L, V] verify logits after SGLang's per-request adjustments and grammar masks."""
+    def _verify_logits(self, batch, logits_output, candidates, grammar_tree, grammar_barrier):
+        """([B*W, V] verify logits adjusted as plain decoding adjusts each position's
+        (worker/logits.py), the batch's penalties or None)."""
         logits = logits_output.next_token_logits
-        if batch.sampling_info is not None:
-            # penalties, logit bias and custom logit processors, as SGLang's sampler applies them
-            apply_dflash_verify_logits_adjustments(
-                next_token_logits=logits, sampling_info=batch.sampling_info, draft_token_num=self.block_size)
+        B, W = candidates.shape
+        block = logits.view(B, W, -1)
+        info = batch.sampling_info
+        penalties = None if info is None else block_penalties(batch.reqs, block.shape[-1], self.device)
+        if penalties is not None:
+            penalise_block(block, candidates, batch.seq_lens, penalties, self.history, batch.req_pool_indices)
         if grammar_tree is not None:
-            mask = build_grammar_vocab_mask(reqs=batch.reqs, tree=grammar_tree, sampling_info=batch.sampling_info,
+            mask = build_grammar_vocab_mask(reqs=batch.reqs, tree=grammar_tree, sampling_info=info,
                                             device=logits.device, barrier=grammar_barrier)
             if mask is not None:
                 mask.apply(logits)
-        return logits
+        if info is not None and info.logit_bias is not None:
+            # fp32 bias onto the logits in their dtype, as the plain sampler adds it
+            block.add_(info.logit_bias[:, None, :])
+        if info is not None and info.has_custom_logit_processor:
+            outputs = self.history.outputs_so_far(batch.reqs, batch.req_pool_indices, batch.seq_lens)
+            apply_custom_processors(block, info, batch.reqs, outputs, candidates.tolist())
+        return logits, penalties
+
+    def _start_history(self, batch, out) -> None:
+        """A new output history for each request of an extend batch (worker/history.py)."""
+        reqs = batch.reqs
+        penalised = any(p.frequency_penalty or p.presence_penalty or p.repetition_penalty != 1.0
+                        for p in (r.sampling_params for r in reqs))
+        frequency = torch.tensor([r.sampling_params.frequency_penalty for r in reqs], dtype=torch.float32)
+        # a penalised request comes with SGLang's sampling info, which knows the vocabulary
+        vocab = batch.sampling_info.vocab_size if penalised else 0
+        self.history.start(batch.req_pool_indices, out.next_token_ids, [list(r.output_ids) for r in reqs],
+                           frequency.to(self.device), penalised, vocab)
 
     def _commit_linear_state(self, batch, seq_lens_pre: torch.Tensor, out: SpecOutputs) -> None:
         steps_to_track = None

@@ -2,8 +2,9 @@
 graph per batch bucket.
 
 ``draft_block`` is the whole draft: block embed ([bonus, MASK x L-1] through the
-target's ``embed_tokens``) -> the draft layers -> the greedy head over the full
-vocabulary (the tensor-parallel gather inside ``head``). Every shape in it follows from
+target's ``embed_tokens``) -> the draft layers over the whole trained block L -> the
+greedy head over the full vocabulary (the tensor-parallel gather inside ``head``) at the
+W - 1 positions the target verifies. Every shape in it follows from
 the batch size and sizes fixed at start-up (block, hidden, the width of SGLang's
 ``req_to_token``, the vocabulary shard); the draft context is read straight from the
 request rows of ``req_to_token``, cut to each request's length on the device; and
@@ -37,7 +38,8 @@ class DraftParts:
     head: Callable[[torch.Tensor], torch.Tensor]   # [T, H] -> [T] int64 greedy tokens, full vocab
     req_to_token: torch.Tensor                     # [R, C] KV slot of (request row, position)
     mask_token_id: int
-    block_size: int
+    block_size: int    # L, the drafter's trained block: every position is drafted
+    verify_width: int  # W <= L: the positions the target verifies get a token
 
 
 def draft_block(
@@ -45,18 +47,19 @@ def draft_block(
     bonus: torch.Tensor,     # [B] int64 last committed token of each request
     seq_lens: torch.Tensor,  # [B] int64 committed lengths = position of the bonus token
     rows: torch.Tensor,      # [B] int64 request rows of req_to_token
-) -> torch.Tensor:           # [B, L] int64 candidates: the bonus, then L-1 greedy drafts
+) -> torch.Tensor:           # [B, W] int64 candidates: the bonus, then W-1 greedy drafts
     """One draft, shapes from B alone; the block and its positions are those of
     ``steps.block_inputs``."""
-    B, L = bonus.shape[0], parts.block_size
+    B, L, W = bonus.shape[0], parts.block_size, parts.verify_width
     offsets = torch.arange(L, device=bonus.device)
     block_ids = torch.where(offsets[None, :] == 0, bonus[:, None].to(torch.int64), parts.mask_token_id)
     positions = seq_lens[:, None].to(torch.int64) + offsets[None, :]  # [B, L]
     embeds = parts.embed(block_ids.reshape(-1)).view(B, L, -1)
     cos, sin = parts.drafter.rope(positions)
     hidden = parts.drafter.forward_layers(parts.pool, embeds, cos, sin, parts.req_to_token, rows, seq_lens)
-    drafts = parts.head(hidden[:, 1:].reshape(B * (L - 1), -1))
-    return torch.cat([block_ids[:, :1], drafts.to(torch.int64).view(B, L - 1)], dim=1)
+    # the whole block shapes every position (bidirectional); only the verified need a token
+    drafts = parts.head(hidden[:, 1:W].reshape(B * (W - 1), -1))
+    return torch.cat([block_ids[:, :1], drafts.to(torch.int64).view(B, W - 1)], dim=1)
 
 
 Capture = Callable[[Callable[[], torch.Tensor]], Callable[[], torch.Tensor]]
@@ -98,7 +101,7 @@ class DraftRunner:
 
     def __init__(self, parts: DraftParts):
         self.parts = parts
-        # bucket size -> (inputs [3, Bp] int64: bonus, seq_lens, rows; replay -> [Bp, L])
+        # bucket size -> (inputs [3, Bp] int64: bonus, seq_lens, rows; replay -> [Bp, W])
         self.buckets: dict[int, tuple[torch.Tensor, Callable[[], torch.Tensor]]] = {}
 
     @property
@@ -119,7 +122,7 @@ class DraftRunner:
         return min((s for s in self.buckets if s >= batch_size), default=None)
 
     def draft(self, bonus: torch.Tensor, seq_lens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """candidates [B, L] int64 for bonus / seq_lens / rows [B]."""
+        """candidates [B, W] int64 for bonus / seq_lens / rows [B]."""
         B = bonus.shape[0]
         size = self.bucket_for(B)
         if size is None:

@@ -14,6 +14,7 @@ import torch
 
 from ..backend import BACKENDS
 from ..draft_pool import POOL_DTYPES
+from ..sampling import BACKEND_DEFINITIONS
 
 # op backend: "triton" kernels or "torch" twins; unset = triton on CUDA, torch elsewhere
 OPS_ENV = "SGLANG_DFLASH_OPS"
@@ -24,7 +25,9 @@ class ServerSettings:
     """The SGLang settings the DFlash worker depends on, as resolved at start-up."""
 
     drafter_path: str | None
-    block_size: int | None  # --speculative-num-draft-tokens
+    # --speculative-num-draft-tokens: the positions the target verifies (the drafter's
+    # block is its own config's block_size)
+    verify_width: int | None
     device: str
     tp_size: int
     pp_size: int
@@ -40,6 +43,7 @@ class ServerSettings:
     # batch sizes SGLang captures decode CUDA graphs for; None: decode graphs disabled
     # (--disable-cuda-graph or --cuda-graph-backend-decode disabled)
     cuda_graph_bs: tuple[int, ...] | None = None
+    sampling_backend: str = "pytorch"  # --sampling-backend, as SGLang resolved it
     # what SGLang's memory planner resolves the draft K/V dtype from
     # (mem_cache/draft_kv_budget.py resolve_dflash_draft_cell_size)
     kv_cache_dtype: str = "auto"  # --kv-cache-dtype
@@ -52,11 +56,13 @@ class ServerSettings:
 @dataclass(frozen=True)
 class WorkerConfig:
     drafter_path: str
-    block_size: int
+    verify_width: int  # W: bonus + W-1 drafts verified; 2 <= W <= the drafter's block
     op_backend: str
     tp_size: int
     # draft CUDA graph buckets (SGLang's decode batch sizes); None: the draft runs eagerly
     cuda_graph_bs: tuple[int, ...] | None = None
+    # --sampling-backend: its top-k / top-p / min-p define a sampled request's distribution
+    sampling_backend: str = "pytorch"
     # the draft K/V pool's dtype, as SGLang's planner priced it; None: the drafter's dtype
     draft_kv_dtype: torch.dtype | None = None
 
@@ -82,7 +88,7 @@ def read_server_settings(device: str, draft_model_dtype: torch.dtype | None = No
         graph_bs = tuple(int(b) for b in decode.bs)
     return ServerSettings(
         drafter_path=spec.speculative_draft_model_path,
-        block_size=spec.speculative_num_draft_tokens,
+        verify_width=spec.speculative_num_draft_tokens,
         device=device,
         tp_size=int(parallel.tp_size),
         pp_size=int(parallel.pp_size),
@@ -96,6 +102,7 @@ def read_server_settings(device: str, draft_model_dtype: torch.dtype | None = No
         adaptive=bool(spec.speculative_adaptive),
         ops_env=os.environ.get(OPS_ENV),
         cuda_graph_bs=graph_bs,
+        sampling_backend=str(get_exec().kernel.sampling_backend),
         kv_cache_dtype=get_model().kv_cache_dtype,
         draft_kv_cache_dtype=spec.speculative_draft_kv_cache_dtype,
         draft_attention_backend=spec.speculative_draft_attention_backend,
@@ -132,8 +139,8 @@ def _draft_kv_problem(s: ServerSettings) -> str | None:
 def _problems(s: ServerSettings) -> list[str]:
     refusals = [
         (s.drafter_path is None, "--speculative-draft-model-path is required (the DFlash drafter directory)"),
-        (s.block_size is None or s.block_size < 2,
-         f"--speculative-num-draft-tokens must be >= 2 (the block size), got {s.block_size}"),
+        (s.verify_width is None or s.verify_width < 2,
+         f"--speculative-num-draft-tokens must be >= 2 (the verify width), got {s.verify_width}"),
         (s.pp_size != 1, f"pipeline parallelism is not supported (--pp-size {s.pp_size}); use 1"),
         (s.dp_attention, "--enable-dp-attention is not supported"),
         (s.topk not in (None, 1), f"DFlash verifies a chain: --speculative-eagle-topk must be 1, got {s.topk}"),
@@ -152,6 +159,9 @@ def _problems(s: ServerSettings) -> list[str]:
         (s.cuda_graph_bs is not None and not s.device.startswith("cuda"),
          f"the DFlash draft captures CUDA graphs, which need a CUDA device (device {s.device}); "
          "pass --disable-cuda-graph"),
+        (s.sampling_backend not in BACKEND_DEFINITIONS,
+         f"--sampling-backend {s.sampling_backend} is not supported: the sampled verify follows the "
+         f"filters of {sorted(BACKEND_DEFINITIONS)}"),
     ]
     problems = [message for refused, message in refusals if refused]
     draft_kv = _draft_kv_problem(s)
@@ -164,6 +174,6 @@ def worker_config(s: ServerSettings) -> WorkerConfig:
     if problems:
         raise ValueError("DFlash worker cannot start:\n" + "\n".join(f"  - {p}" for p in problems))
     backend = s.ops_env or ("triton" if s.device.startswith("cuda") else "torch")
-    return WorkerConfig(drafter_path=s.drafter_path, block_size=int(s.block_size),
+    return WorkerConfig(drafter_path=s.drafter_path, verify_width=int(s.verify_width),
                         op_backend=backend, tp_size=s.tp_size, cuda_graph_bs=s.cuda_graph_bs,
-                        draft_kv_dtype=priced_draft_kv_dtype(s))
+                        sampling_backend=s.sampling_backend, draft_kv_dtype=priced_draft_kv_dtype(s))

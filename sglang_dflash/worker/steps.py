@@ -4,12 +4,14 @@ Each function takes plain tensors (device from the inputs) and returns plain ten
 the tests drive them with real SGLang pools and batch fields and compare them with the
 reference loop (``reference/loop.py``), which is the specification of the step:
 
-  block inputs   block = [bonus, MASK x (L-1)] at positions seq_len .. seq_len+L-1, and
-                 the KV slots SGLang reserved for those positions (``req_to_token``);
-                 the draft reads its context straight from the request's
-                 ``req_to_token`` row (``draft_graph``)
+  block inputs   block = [bonus, MASK x (L-1)] at positions seq_len .. seq_len+L-1 (L the
+                 drafter's block), and the KV slots SGLang reserved for the first W of
+                 them, the positions the target verifies (``req_to_token``); the draft
+                 reads its context straight from the request's ``req_to_token`` row
+                 (``draft_graph``)
   accept         greedy rows through ``accept_greedy``, sampled rows through
                  ``accept_sampled``; probabilities as SGLang's sampler defines them
+                 (``sglang_dflash.sampling``, for the server's sampling backend)
   outputs        what the scheduler reads back: emitted tokens, ``accept_lens``
                  (= ``commit_len``), the next bonus and the next ``seq_lens``
 
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..backend import Ops
+from ..sampling import RowSampling, target_probs
 
 
 def extend_positions(prefix_lens: list[int], extend_lens: list[int], device) -> torch.Tensor:
@@ -56,14 +59,19 @@ def block_inputs(
     req_to_token: torch.Tensor,  # [R, C] KV slot of each (request row, position)
     mask_token_id: int,
     block_size: int,
+    verify_width: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """block_ids [B, L], positions [B, L], cache_loc [B, L] of one draft/verify block.
+    """block_ids [B, L], positions [B, L], cache_loc [B, W] of one draft block of L whose
+    first W positions the target verifies.
 
-    cache_loc are the slots SGLang reserved for the block's positions (it keeps about two
-    blocks per request allocated ahead of ``seq_lens``); the target's verify and the draft
-    context both write there.
+    cache_loc are the slots SGLang reserved for the verified positions (it keeps 2W slots
+    per request allocated ahead of ``seq_lens``); the target's verify and the draft
+    context both write there. The drafted positions past W get no slot: the draft keeps
+    no K/V of its block.
     """
-    B, L = bonus.shape[0], block_size
+    B, L, W = bonus.shape[0], block_size, verify_width
+    if not 2 <= W <= L:
+        raise ValueError(f"verify width {W} must lie in 2..{L} (the draft block)")
     if seq_lens.shape != (B,) or req_pool_indices.shape != (B,):
         raise ValueError(f"seq_lens {tuple(seq_lens.shape)} and req_pool_indices "
                          f"{tuple(req_pool_indices.shape)} must both be ({B},) like bonus")
@@ -71,71 +79,17 @@ def block_inputs(
     block_ids[:, 0] = bonus
     positions = seq_lens.to(torch.int64)[:, None] + torch.arange(L, device=bonus.device)[None, :]
     rows = req_pool_indices.to(torch.int64)[:, None]
-    cache_loc = req_to_token[rows, positions].to(torch.int64)
+    cache_loc = req_to_token[rows, positions[:, :W]].to(torch.int64)
     return block_ids, positions, cache_loc
-
-
-@dataclass(frozen=True)
-class RowSampling:
-    """Per-request sampling parameters as SGLang's ``SamplingBatchInfo`` holds them, with
-    its host-side flags, which let ``verify_probs`` skip the filters no row uses."""
-
-    temperatures: torch.Tensor  # [B] > 0 (greedy rows carry 1.0 and top_k 1)
-    top_ks: torch.Tensor  # [B] >= 1; values >= V mean no top-k
-    top_ps: torch.Tensor  # [B] in (0, 1]
-    min_ps: torch.Tensor  # [B] in [0, 1); 0 disables min-p
-    need_top_k: bool = True
-    # host bound on every row's top_k (None: unknown, or some row keeps the whole vocab)
-    max_top_k: int | None = None
-    need_top_p: bool = True
-    need_min_p: bool = True
-
-
-def _descending(x: torch.Tensor, bound: int | None) -> torch.Tensor:
-    """x sorted descending on the last dim, or only its ``bound`` largest values."""
-    if bound is not None and bound < x.shape[-1]:
-        return x.topk(bound, dim=-1).values
-    return x.sort(dim=-1, descending=True).values
-
-
-def verify_probs(logits: torch.Tensor, sampling: RowSampling) -> torch.Tensor:
-    """probs [B, L, V] fp32: temperature, then top-k, softmax, top-p, then min-p.
-
-    Row by row this is ``reference.sampling.probs_from_logits`` (ties at the top-k and
-    top-p boundaries keep every tied token), plus SGLang's min-p, applied last. With a
-    top-k bound K, only the K largest values are sorted: every token past them has
-    probability 0 after top-k, so top-p never needs them.
-    """
-    B, L, V = logits.shape
-    scaled = logits.float() / sampling.temperatures.float().view(B, 1, 1)
-    bound = sampling.max_top_k if sampling.need_top_k else None
-    if sampling.need_top_k:
-        head = _descending(scaled, bound)
-        k = sampling.top_ks.to(torch.int64).clamp(1, head.shape[-1]).view(B, 1, 1).expand(B, L, 1)
-        scaled = scaled.masked_fill(scaled < head.gather(-1, k - 1), float("-inf"))
-    probs = torch.softmax(scaled, dim=-1)
-
-    if sampling.need_top_p:
-        top_p = sampling.top_ps.float().view(B, 1, 1)
-        sorted_probs = _descending(probs, bound)
-        # mass strictly before each sorted token; top_p == 1 keeps all (cumsum may round up)
-        before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        keep = (before < top_p) | (top_p >= 1.0)
-        threshold = sorted_probs.masked_fill(~keep, float("inf")).min(dim=-1, keepdim=True).values
-        probs = probs.masked_fill(probs < threshold, 0.0)
-
-    if sampling.need_min_p:
-        min_p = sampling.min_ps.float().view(B, 1, 1)
-        probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
-    return probs / probs.sum(dim=-1, keepdim=True)
 
 
 def accept_block(
     ops: Ops,
     candidates: torch.Tensor,  # [B, L]
     logits: torch.Tensor,  # [B, L, V] target logits after each candidate
-    sampling: RowSampling | None,  # None: every row is greedy
+    sampling: RowSampling | None,  # [B] rows; None: every row is greedy
     greedy_rows: torch.Tensor | None,  # [B] bool, needed when some rows sample
+    sampling_backend: str = "pytorch",  # --sampling-backend, whose filters define p
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """accept_len [B] int64, emitted [B, L] int64 (-1 past commit_len).
 
@@ -153,7 +107,8 @@ def accept_block(
         accept_len, emitted, _ = ops.accept_greedy(candidates, logits.argmax(dim=-1), remaining, stops)
         return accept_len.to(torch.int64), emitted.to(torch.int64)
 
-    probs = verify_probs(logits, sampling)
+    V = logits.shape[-1]
+    probs = target_probs(logits.reshape(B * L, V), sampling.repeat_rows(L), sampling_backend).view(B, L, V)
     u_accept = torch.rand((B, L), dtype=torch.float32, device=device)
     u_sample = torch.rand((B,), dtype=torch.float32, device=device)
     accept_len, emitted, _ = ops.accept_sampled(candidates, probs, u_accept, u_sample, remaining, stops)

@@ -51,9 +51,10 @@ def load_drafter_for(cfg: WorkerConfig, runner, device: torch.device):
     if captured != list(drafter_cfg.target_layer_ids):
         raise ValueError(f"{cfg.drafter_path}: target_layer_ids {list(drafter_cfg.target_layer_ids)} "
                          f"but SGLang captures target layers {captured}")
-    if cfg.block_size != drafter_cfg.block_size:
-        logger.warning("DFlash block size %d (--speculative-num-draft-tokens) differs from the "
-                       "drafter's trained block_size %d", cfg.block_size, drafter_cfg.block_size)
+    if cfg.verify_width > drafter_cfg.block_size:
+        raise ValueError(f"--speculative-num-draft-tokens {cfg.verify_width} (the verify width) exceeds "
+                         f"the drafter's block_size {drafter_cfg.block_size} ({cfg.drafter_path}); "
+                         f"the target can verify at most the {drafter_cfg.block_size} positions drafted")
     drafter = load_drafter(cfg.drafter_path, target_cfg.hidden_size, dtype=runner.dtype)
     drafter = drafter.to(device)
     drafter.ops = get_ops(cfg.op_backend)
@@ -68,9 +69,9 @@ class SGLangTarget:
     reference target behind the same members.
     """
 
-    def __init__(self, target_worker, block_size: int):
+    def __init__(self, target_worker, verify_width: int):
         self.tp_worker = target_worker
-        self.block_size = block_size
+        self.verify_width = verify_width
         model = target_worker.model_runner.model
         self.embed_tokens = model.get_input_embeddings()
         self.lm_head_weight, self.vocab_start = lm_head_shard(model.lm_head)
@@ -95,19 +96,19 @@ class SGLangTarget:
         return self.tp_worker.forward_batch_generation(batch, capture_hidden_mode=CaptureHiddenMode.FULL)
 
     def verify(self, batch, candidates, positions, cache_loc) -> GenerationBatchResult:
-        """The TARGET_VERIFY forward over candidates [B, L] at positions [B, L], writing the
-        target KV of the block to cache_loc [B, L]; logits and features of every position."""
-        L = self.block_size
+        """The TARGET_VERIFY forward over candidates [B, W] at positions [B, W], writing the
+        target KV of the verified positions to cache_loc [B, W]; logits and features of each."""
+        W = self.verify_width
         verify_input = DFlashVerifyInput(
-            draft_token=candidates.reshape(-1), positions=positions.reshape(-1), draft_token_num=L,
+            draft_token=candidates.reshape(-1), positions=positions.reshape(-1), draft_token_num=W,
             custom_mask=None, capture_hidden_mode=CaptureHiddenMode.FULL)
         batch.out_cache_loc = cache_loc.reshape(-1)
         # the DFLASH convention the attention backends plan with: while verify is prepared,
-        # host lengths count the block (committed prefix + L); device seq_lens do not
+        # host lengths count the verified positions (committed prefix + W); device seq_lens do not
         saved = batch.seq_lens_cpu, batch.seq_lens_sum
         reserved = batch.spec_info.nxt_kv_lens_cpu
         if batch.seq_lens_cpu is not None:
-            batch.seq_lens_cpu = batch.seq_lens_cpu + L
+            batch.seq_lens_cpu = batch.seq_lens_cpu + W
             batch.seq_lens_sum = int(batch.seq_lens_cpu.sum())
         elif reserved is not None:
             batch.seq_lens_cpu, batch.seq_lens_sum = reserved, int(batch.spec_info.nxt_kv_lens_sum)

@@ -7,7 +7,7 @@ seconds; in the middle of serving that is a stall of every running request.
 size, acceptance of the verify, greedy and sampled, and the context append) on ``meta``
 tensors of the serving shapes with every launch recorded, not run; ``warm_up`` compiles
 each distinct binary into Triton's cache for this process's GPU, so the first real
-launches find them. The draft's binaries depend on the batch only through ``M = B (L-1)``
+launches find them. The draft's binaries depend on the batch only through ``M = B (W-1)``
 (``M % 16``, ``M == 1``, the greedy head's tile class) and the number of attention splits,
 so batch sizes 1..64 cover every batch, even above 64.
 
@@ -48,12 +48,13 @@ def serving_launches(
     lm_head_rows: int,         # vocabulary rows of this rank's lm_head shard
     vocab_size: int,           # full vocabulary of the verify logits
     tp_size: int,
-    block_size: int,
+    block_size: int,           # L, the drafter's block
+    verify_width: int,         # W, the positions the target verifies
     batch_sizes,
     sm_count: int | None,
 ) -> list[Launch]:
     """Every Triton launch of the serving path at ``batch_sizes``, recorded on meta tensors."""
-    cfg, dtype, L = drafter.cfg, drafter.fc.weight.dtype, block_size
+    cfg, dtype, L, W = drafter.cfg, drafter.fc.weight.dtype, block_size, verify_width
     with torch.device("meta"):
         meta = DFlashDrafter(cfg).to(dtype)
     meta.ops, meta.kv_dtype = drafter.ops, drafter.kv_dtype
@@ -68,17 +69,17 @@ def serving_launches(
         return drafter.ops.combine_shards(_meta(tp_size, T, dtype=maxes.dtype), _meta(tp_size, T, dtype=tokens.dtype))
 
     parts = DraftParts(meta, pool, lambda ids: _meta(ids.shape[0], cfg.hidden_size, dtype=dtype), head,
-                       _meta(*req_to_token.shape, dtype=req_to_token.dtype), cfg.mask_token_id, L)
+                       _meta(*req_to_token.shape, dtype=req_to_token.dtype), cfg.mask_token_id, L, W)
     width = cfg.num_target_layers * cfg.hidden_size
     with torch.no_grad(), record_launches(sm_count) as launches:
         for B in sorted(set(batch_sizes)):
             ints = _meta(B, dtype=torch.int64)
             candidates = draft_block(parts, ints, ints, ints)
-            logits = _meta(B, L, vocab_size, dtype=torch.float32)
+            logits = _meta(B, W, vocab_size, dtype=torch.float32)
             accept_block(drafter.ops, candidates, logits, None, None)
             accept_block(drafter.ops, candidates, logits, _meta_sampling(B), _meta(B, dtype=torch.bool))
-            positions = _meta(B * L, dtype=torch.int64)
-            meta.append_context(pool, _meta(B * L, width, dtype=dtype), positions, positions)
+            positions = _meta(B * W, dtype=torch.int64)
+            meta.append_context(pool, _meta(B * W, width, dtype=dtype), positions, positions)
     return launches
 
 
