@@ -37,6 +37,8 @@ import triton
 import triton.testing
 
 HBM_PEAK_GBPS = {"H200": 4800.0, "H100": 3350.0, "B200": 8000.0}
+# the fp8 (e4m3) draft K/V pool: both draft ops also run with it
+FP8 = torch.float8_e4m3fn
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,13 @@ def _combine_shards_cases(batches, L, R, V) -> list[Case]:
 
 # ---- draft attention ----
 
-def _draft_attention_inputs(B, L, Hq, Hkv, D, ctx, dtype):
+def _fp8_scales(pool: torch.Tensor) -> torch.Tensor:
+    """[Hkv] power-of-two scales that put each head's largest |entry| of pool [N, Hkv, D] below 448."""
+    amax = pool.float().abs().amax(dim=(0, 2))
+    return torch.exp2(torch.ceil(torch.log2(amax.clamp_min(1e-30) / 448))).contiguous()
+
+
+def _draft_attention_inputs(B, L, Hq, Hkv, D, ctx, dtype, pool_dtype):
     def make(device):
         # ragged contexts up to ctx, scattered through a pool with spare slots
         lens = torch.randint(max(1, 3 * ctx // 4), ctx + 1, (B,), device=device)
@@ -170,53 +178,71 @@ def _draft_attention_inputs(B, L, Hq, Hkv, D, ctx, dtype):
         slot_table = torch.zeros(B + 3, ctx + 20, dtype=torch.int32, device=device)
         slot_rows = torch.randperm(B + 3, device=device)[:B]
         slot_table[slot_rows, :ctx] = torch.randperm(N, device=device)[: B * ctx].view(B, ctx).to(torch.int32)
-        k_pool = torch.randn(N, Hkv, D, device=device).to(dtype)
-        v_pool = torch.randn(N, Hkv, D, device=device).to(dtype)
+        k_pool = torch.randn(N, Hkv, D, device=device)
+        v_pool = torch.randn(N, Hkv, D, device=device)
         q = torch.randn(B, L, Hq, D, device=device).to(dtype)
         block_k = torch.randn(B, L, Hkv, D, device=device).to(dtype)
         block_v = torch.randn(B, L, Hkv, D, device=device).to(dtype)
-        return q, k_pool, v_pool, slot_table, slot_rows, lens, block_k, block_v, D ** -0.5
+        scales = ()
+        if pool_dtype == FP8:
+            from sglang_dflash.kernels.naive.draft_kv import quantize_fp8
+
+            scales = (_fp8_scales(k_pool), _fp8_scales(v_pool))
+            k_pool, v_pool = quantize_fp8(k_pool, scales[0]), quantize_fp8(v_pool, scales[1])
+        return (q, k_pool.to(pool_dtype), v_pool.to(pool_dtype), slot_table, slot_rows, lens, block_k, block_v,
+                D ** -0.5, *scales)
     return make
 
 
 def _draft_attention_bytes(args) -> int:
-    q, k_pool, _, slot_table, _, lens, block_k, block_v, _ = args
+    q, k_pool, _, slot_table, _, lens, block_k, block_v = args[:8]
     per_token = 2 * k_pool.shape[1] * k_pool.shape[2] * k_pool.element_size()  # K and V rows
     ctx_tokens = int(lens.sum())
     return ctx_tokens * (per_token + slot_table.element_size()) + 2 * _size(q) + _size(block_k, block_v)
 
 
-def _draft_attention_cases(batches, contexts, L, Hq, Hkv, D, dtype) -> list[Case]:
-    return [Case(f"draft_attention B{B} ctx{ctx} H{Hq}/{Hkv}xD{D}", "draft_attention", "draft_attention",
-                 _draft_attention_inputs(B, L, Hq, Hkv, D, ctx, dtype), _draft_attention_bytes,
+def _draft_attention_cases(batches, contexts, L, Hq, Hkv, D, dtype, pool_dtype=None) -> list[Case]:
+    pool_dtype = pool_dtype or dtype
+    pool = "" if pool_dtype == dtype else f" pool {str(pool_dtype)[6:]}"
+    return [Case(f"draft_attention B{B} ctx{ctx} H{Hq}/{Hkv}xD{D}{pool}", "draft_attention", "draft_attention",
+                 _draft_attention_inputs(B, L, Hq, Hkv, D, ctx, dtype, pool_dtype), _draft_attention_bytes,
                  ("out",), tol_ratio=1e-2 if dtype != torch.float32 else 1e-5,
-                 shape=dict(B=B, ctx=ctx, Hq=Hq, Hkv=Hkv, D=D, dtype=str(dtype)))
+                 shape=dict(B=B, ctx=ctx, Hq=Hq, Hkv=Hkv, D=D, dtype=str(dtype), pool_dtype=str(pool_dtype)))
             for B in batches for ctx in contexts]
 
 
 # ---- draft KV append ----
 
-def _draft_kv_inputs(T, Ld, Hkv, D, dtype):
+def _draft_kv_inputs(T, Ld, Hkv, D, dtype, pool_dtype):
     def make(device):
         N = T + 37
         kv = torch.randn(T, Ld, 2, Hkv, D, device=device).to(dtype)
         k_norm = (1.0 + 0.1 * torch.randn(Ld, D, device=device)).to(dtype)
         angles = torch.rand(T, D // 2, device=device) * 100.0
         slots = torch.randperm(N, device=device)[:T]
-        k_pool = torch.zeros(Ld, N, Hkv, D, device=device, dtype=dtype)
-        v_pool = torch.zeros(Ld, N, Hkv, D, device=device, dtype=dtype)
-        return kv, k_norm, angles.cos(), angles.sin(), slots, k_pool, v_pool, 1e-6
+        k_pool = torch.zeros(Ld, N, Hkv, D, device=device, dtype=pool_dtype)
+        v_pool = torch.zeros(Ld, N, Hkv, D, device=device, dtype=pool_dtype)
+        # fp8 pools: one fixed scale, as the drafter's (448 x 2^-6 = 7, about 7 sigma of these inputs)
+        scales = (torch.full((Ld, Hkv), 2.0 ** -6, device=device),) * 2 if pool_dtype == FP8 else ()
+        return (kv, k_norm, angles.cos(), angles.sin(), slots, k_pool, v_pool, 1e-6, *scales)
     return make
 
 
-def _draft_kv_cases(batches, L, Ld, Hkv, D, dtype) -> list[Case]:
+def _draft_kv_bytes(args) -> int:
+    kv, k_norm, cos, sin, slots, k_pool = args[:6]
+    # the projections read once, written once (every element) in the pool's dtype
+    return _size(kv) + kv.numel() * k_pool.element_size() + _size(k_norm, cos, sin, slots)
+
+
+def _draft_kv_cases(batches, L, Ld, Hkv, D, dtype, pool_dtype=None) -> list[Case]:
+    pool_dtype = pool_dtype or dtype
+    pool = "" if pool_dtype == dtype else f" pool {str(pool_dtype)[6:]}"
     # a step commits up to L tokens per request; their K/V enter every draft layer
-    return [Case(f"draft_kv_append B{B} H{Hkv}xD{D}", "draft_kv", "draft_kv_append",
-                 _draft_kv_inputs(B * L, Ld, Hkv, D, dtype),
-                 lambda a: 2 * _size(a[0]) + _size(a[1], a[2], a[3], a[4]),
+    return [Case(f"draft_kv_append B{B} H{Hkv}xD{D}{pool}", "draft_kv", "draft_kv_append",
+                 _draft_kv_inputs(B * L, Ld, Hkv, D, dtype, pool_dtype), _draft_kv_bytes,
                  ("k_pool", "v_pool"), mutates=(5, 6),
-                 tol_ratio=1e-2 if dtype != torch.float32 else 1e-5,
-                 shape=dict(T=B * L, Ld=Ld, Hkv=Hkv, D=D, dtype=str(dtype)))
+                 tol_ratio=1e-2 if dtype != torch.float32 or pool_dtype == FP8 else 1e-5,
+                 shape=dict(T=B * L, Ld=Ld, Hkv=Hkv, D=D, dtype=str(dtype), pool_dtype=str(pool_dtype)))
             for B in batches]
 
 
@@ -266,15 +292,19 @@ def _builders(smoke: bool) -> list[Case]:
                 + _draft_attention_cases((2,), (40,), 16, 4, 2, 16, torch.float32)
                 # MHA with a head dim that is not a power of two: the masked-D paths
                 + _draft_attention_cases((2,), (40,), 16, 4, 4, 24, torch.float32)
+                + _draft_attention_cases((2,), (40,), 16, 4, 4, 24, torch.float32, FP8)
                 + _draft_kv_cases((2,), 4, 2, 2, 16, torch.float32)
                 + _draft_kv_cases((2,), 4, 2, 4, 24, torch.float32)
+                + _draft_kv_cases((2,), 4, 2, 4, 24, torch.float32, FP8)
                 + _kda_cases((2,), 4, 2, 16, 16, 24, 3, torch.float32))
     batches, bf16 = (1, 8, 32, 64), torch.bfloat16
     return (_accept_cases(batches, 16, 163840)
             + _greedy_head_cases(batches, 16, 163840, 2304, bf16)
             + _combine_shards_cases(batches, 16, 2, 163840)
             + _draft_attention_cases(batches, (1024, 8192), 16, 32, 32, 72, bf16)
+            + _draft_attention_cases(batches, (1024, 8192), 16, 32, 32, 72, bf16, FP8)
             + _draft_kv_cases(batches, 16, 5, 32, 72, bf16)
+            + _draft_kv_cases(batches, 16, 5, 32, 72, bf16, FP8)
             + _kda_cases(batches, 16, 32, 128, 128, 3 * 32 * 128, 3, bf16))
 
 

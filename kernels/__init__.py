@@ -21,6 +21,9 @@ Glossary (one name per concept, used everywhere in the project):
 - ``slot_table [R, S]`` / ``slot_rows [B]``: the draft context of request ``b`` is
   ``slot_table[slot_rows[b], :ctx_lens[b]]`` (in serving, SGLang's ``req_to_token`` and
   ``req_pool_indices``, so the table's shape never changes between steps).
+- ``k_scale`` / ``v_scale``: fixed fp32 scales of an fp8 (e4m3) draft K/V pool, one per
+  (layer, KV head) (``[Ld, Hkv]``; one layer's ``[Hkv]`` in ``draft_attention``): the pool
+  holds ``value / scale``; None for float pools.
 
 Kernels import only torch and triton. Under ``TRITON_INTERPRET=1`` they run on CPU
 tensors (slowly); the launchers validate shapes, dtypes and bounds because the

@@ -18,7 +18,11 @@ weights are rounded to the value dtype for the second dot, as flash attention do
 fp32 inputs, and every input under the CPU interpreter (whose bf16 arithmetic is wrong),
 are upcast and use IEEE fp32 dots. The context loop is software-pipelined
 (``num_stages``): the next K/V tiles load while the current ones are used. K/V tiles enter
-in ``_online_update`` only, the one place a quantised pool would apply its scale.
+in ``_online_update`` only, which also dequantises an fp8 (e4m3) pool (``QUANT``): its
+tiles are converted (exactly) to the dtype of ``q`` for the dots, the key scale of the
+program's KV head multiplies the scores and the value scale the softmax weights
+(``p @ (s * v) = (s * p) @ v``), so the per-element work is on the smaller tiles. The
+block's own keys and values enter unscaled.
 
 Same result as the twin ``sglang_dflash.kernels.naive.draft_attention`` up to fp32
 summation order and, for bf16, the rounding of the softmax weights.
@@ -35,29 +39,31 @@ import triton.language as tl
 
 from .jit_launches import meta_sm_count
 from .naive.draft_attention import check_draft_attention_args
+from .naive.draft_kv import FP8_DTYPE
 
 _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _online_update(b_q, p_k, p_v, m_n, m_d, b_m, b_l, b_acc, qk_scale, UPCAST: tl.constexpr):
-    """Fold one tile of keys/values into the running softmax; m_n [BN] marks real keys."""
+def _online_update(b_q, p_k, p_v, m_n, m_d, b_m, b_l, b_acc, qk_scale, k_mul, v_mul, UPCAST: tl.constexpr):
+    """Fold one tile of keys/values into the running softmax; m_n [BN] marks real keys.
+    The tile's entries count as k_mul * key and v_mul * value (an fp8 pool's scales, or 1)."""
     m_kv = m_n[:, None] & m_d[None, :]
     b_k = tl.load(p_k, mask=m_kv, other=0.0)  # [BN, BD]
     b_v = tl.load(p_v, mask=m_kv, other=0.0)
     if UPCAST:
         b_s = tl.dot(b_q, tl.trans(b_k.to(tl.float32)), input_precision="ieee")
     else:
-        b_s = tl.dot(b_q, tl.trans(b_k))  # [BM, BN] fp32
-    b_s = tl.where(m_n[None, :], b_s * qk_scale, float("-inf"))
+        b_s = tl.dot(b_q, tl.trans(b_k.to(b_q.dtype)))  # [BM, BN] fp32
+    b_s = tl.where(m_n[None, :], b_s * (qk_scale * k_mul), float("-inf"))
     b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
     alpha = tl.exp2(b_m - b_m_new)
     b_p = tl.exp2(b_s - b_m_new[:, None])
     b_l = b_l * alpha + tl.sum(b_p, axis=1)
     if UPCAST:
-        b_acc = tl.dot(b_p, b_v.to(tl.float32), b_acc * alpha[:, None], input_precision="ieee")
+        b_acc = tl.dot(b_p * v_mul, b_v.to(tl.float32), b_acc * alpha[:, None], input_precision="ieee")
     else:
-        b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc * alpha[:, None])
+        b_acc = tl.dot((b_p * v_mul).to(b_q.dtype), b_v.to(b_q.dtype), b_acc * alpha[:, None])
     return b_m_new, b_l, b_acc
 
 
@@ -71,6 +77,8 @@ def _draft_attention_kernel(
     ctx_lens,     # [B]
     block_k,      # [B, L, Hkv, D]
     block_v,      # [B, L, Hkv, D] (strides of block_k)
+    k_scale,      # [Hkv] fp32 when QUANT
+    v_scale,      # [Hkv] fp32 when QUANT
     o,            # [B, L, Hq, D] when not SPLIT
     o_part,       # [B * Hkv, SPLITS, M, D] fp32 when SPLIT
     lse_part,     # [B * Hkv, SPLITS, M] fp32 when SPLIT
@@ -78,6 +86,7 @@ def _draft_attention_kernel(
     Hkv, L, S, qk_scale,
     D: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+    QUANT: tl.constexpr,
 ):
     i_bh, i_s = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // Hkv, i_bh % Hkv
@@ -100,7 +109,11 @@ def _draft_attention_kernel(
         o_j = tl.arange(0, BLOCK_L)
         off_j = i_b * s_bb + o_j[:, None] * s_bl + i_h * D + o_d[None, :]
         b_m, b_l, b_acc = _online_update(b_q, block_k + off_j, block_v + off_j, o_j < L, m_d,
-                                         b_m, b_l, b_acc, qk_scale, UPCAST)
+                                         b_m, b_l, b_acc, qk_scale, 1.0, 1.0, UPCAST)
+    if QUANT:
+        k_mul, v_mul = tl.load(k_scale + i_h), tl.load(v_scale + i_h)
+    else:
+        k_mul, v_mul = 1.0, 1.0
 
     # the device-side length never reaches past the table row
     ctx_len = tl.maximum(tl.minimum(tl.load(ctx_lens + i_b), S), 0)
@@ -119,7 +132,7 @@ def _draft_attention_kernel(
         i_next = tl.load(p_row + o_n + BLOCK_N, mask=o_n + BLOCK_N < end, other=0)
         p_n = i_slot[:, None] * s_kn + i_h * D + o_d[None, :]
         b_m, b_l, b_acc = _online_update(b_q, k_pool + p_n, v_pool + p_n, m_n, m_d,
-                                         b_m, b_l, b_acc, qk_scale, UPCAST)
+                                         b_m, b_l, b_acc, qk_scale, k_mul, v_mul, UPCAST)
 
     m_out = m_m[:, None] & m_d[None, :]
     if SPLIT:
@@ -170,7 +183,7 @@ def _merge_splits_kernel(
              mask=m_m[:, None] & m_d[None, :])
 
 
-def _check_layout(q, k_pool, v_pool, slot_table, block_k, block_v, out) -> None:
+def _check_layout(q, k_pool, v_pool, slot_table, block_k, block_v, out, k_scale, v_scale) -> None:
     """Heads D apart and unit stride inside a head: the kernel adds head * D with D a
     constexpr, so a head dim like 72 keeps 16-byte vector loads."""
     D = q.shape[-1]
@@ -188,6 +201,10 @@ def _check_layout(q, k_pool, v_pool, slot_table, block_k, block_v, out) -> None:
     if block_k.stride() != block_v.stride():
         raise ValueError(f"draft_attention: arguments `block_k`/`block_v`: expected equal strides, "
                          f"got {block_k.stride()} and {block_v.stride()}")
+    for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"draft_attention: argument `{name}`: expected a contiguous tensor, "
+                             f"got strides {t.stride()}")
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device
                             or not out.is_contiguous()):
         raise ValueError(f"draft_attention: argument `out`: expected a contiguous {tuple(q.shape)} "
@@ -214,7 +231,8 @@ def num_splits(batch: int, kv_heads: int, table_width: int, sms: int | None) -> 
     return max(1, min(triton.cdiv(2 * sms, batch * kv_heads), table_width // 512, 64))
 
 
-def _launch(q, k_pool, v_pool, slot_table, slot_rows, ctx_lens, block_k, block_v, scale, splits, o):
+def _launch(q, k_pool, v_pool, slot_table, slot_rows, ctx_lens, block_k, block_v, scale, splits, o,
+            k_scale=None, v_scale=None):
     """The kernels, without the argument checks (tests call it with a length past the row)."""
     B, L, Hq, D = q.shape
     Hkv = k_pool.shape[1]
@@ -226,15 +244,19 @@ def _launch(q, k_pool, v_pool, slot_table, slot_rows, ctx_lens, block_k, block_v
     o_part = q.new_empty((B * Hkv, splits, L * G, D) if split else (1,), dtype=torch.float32)
     lse_part = q.new_empty((B * Hkv, splits, L * G) if split else (1,), dtype=torch.float32)
     num_warps = 4 if BLOCK_M * BLOCK_D <= 4096 else 8
-    # the interpreter has no bf16 arithmetic, and fp32 inputs need IEEE fp32 dots
-    upcast = q.device.type == "cpu" or q.dtype == torch.float32 or k_pool.dtype != q.dtype
+    quant = k_pool.dtype == FP8_DTYPE
+    # the interpreter has no bf16 arithmetic, and fp32 inputs need IEEE fp32 dots; an fp8
+    # pool's tiles convert exactly to the dtype of q
+    upcast = q.device.type == "cpu" or q.dtype == torch.float32 or (k_pool.dtype != q.dtype and not quant)
     _draft_attention_kernel[(B * Hkv, splits)](
-        q, k_pool, v_pool, slot_table, slot_rows, ctx_lens, block_k, block_v, o, o_part, lse_part,
+        q, k_pool, v_pool, slot_table, slot_rows, ctx_lens, block_k, block_v,
+        # unread without QUANT: any tensor of the call stands in
+        k_scale if quant else lse_part, v_scale if quant else lse_part, o, o_part, lse_part,
         q.stride(0), q.stride(1), k_pool.stride(0), slot_table.stride(0), block_k.stride(0), block_k.stride(1),
         o.stride(0), o.stride(1),
         Hkv, L, slot_table.shape[1], scale * _LOG2E,
         D=D, G=G, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_L=max(16, triton.next_power_of_2(L)),
-        BLOCK_D=BLOCK_D, SPLIT=split, UPCAST=upcast, num_warps=num_warps, num_stages=3,
+        BLOCK_D=BLOCK_D, SPLIT=split, UPCAST=upcast, QUANT=quant, num_warps=num_warps, num_stages=3,
     )
     if split:
         _merge_splits_kernel[(B * Hkv,)](
@@ -256,17 +278,21 @@ def draft_attention_splits(
     scale: float,
     splits: int,
     out: torch.Tensor | None,  # [B, L, Hq, D] contiguous, dtype of q; None: allocated here
+    k_scale: torch.Tensor | None = None,  # [Hkv] fp32, for an fp8 pool only
+    v_scale: torch.Tensor | None = None,  # [Hkv] fp32, for an fp8 pool only
 ) -> torch.Tensor:             # [B, L, Hq, D], dtype of q
     """``draft_attention`` with an explicit number of context splits and output buffer
     (tests poison the buffer; benchmarks pick the splits)."""
-    check_draft_attention_args(q, k_pool, v_pool, slot_table, slot_rows, ctx_lens, block_k, block_v)
-    _check_layout(q, k_pool, v_pool, slot_table, block_k, block_v, out)
+    check_draft_attention_args(q, k_pool, v_pool, slot_table, slot_rows, ctx_lens, block_k, block_v,
+                               k_scale, v_scale)
+    _check_layout(q, k_pool, v_pool, slot_table, block_k, block_v, out, k_scale, v_scale)
     if splits < 1:
         raise ValueError(f"draft_attention: argument `splits`: expected >= 1, got {splits}")
     o = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     if o.numel() == 0:
         return o
-    return _launch(q, k_pool, v_pool, slot_table, slot_rows, ctx_lens, block_k, block_v, scale, splits, o)
+    return _launch(q, k_pool, v_pool, slot_table, slot_rows, ctx_lens, block_k, block_v, scale, splits, o,
+                   k_scale, v_scale)
 
 
 def draft_attention(
@@ -279,10 +305,12 @@ def draft_attention(
     block_k: torch.Tensor,     # [B, L, Hkv, D]
     block_v: torch.Tensor,     # [B, L, Hkv, D]
     scale: float,
+    k_scale: torch.Tensor | None = None,  # [Hkv] fp32 dequantisation scales of an fp8 pool
+    v_scale: torch.Tensor | None = None,  # [Hkv] fp32
 ) -> torch.Tensor:             # [B, L, Hq, D], dtype of q
     if not math.isfinite(scale):
         raise ValueError(f"draft_attention: argument `scale`: expected a finite number, got {scale}")
     splits = num_splits(q.shape[0], k_pool.shape[1] if k_pool.ndim == 3 else 1, slot_table.shape[-1],
                         sm_count(q.device))
     return draft_attention_splits(q, k_pool, v_pool, slot_table, slot_rows, ctx_lens, block_k, block_v,
-                                  scale, splits, None)
+                                  scale, splits, None, k_scale, v_scale)

@@ -15,7 +15,10 @@ block with the target's ``embed_tokens`` and applies the target's ``lm_head``.
 Context K/V depend only on ``c_t`` and the position, so ``append_context`` computes them
 once per committed token for every layer; ``forward_block`` never recomputes them and
 keeps nothing of the block. Queries, block keys and context keys share one fp32
-norm + RoPE routine (``norm_rope``), cast once at the end.
+norm + RoPE routine (``norm_rope``), cast once at the end. The pool holds them in the
+weights' dtype, or another (``kv_dtype``, ``new_pool(dtype=)``): bf16 / fp32 by a cast, fp8
+(e4m3) divided by fixed per-(layer, KV head) scales derived from the weights
+(``fp8_scales``, which states why they are fixed and why they never overflow).
 """
 
 from __future__ import annotations
@@ -29,8 +32,11 @@ from torch import nn
 
 from .config import DrafterConfig, load_drafter_config
 from .kernels.naive.draft_attention import draft_attention as _torch_draft_attention
+from .draft_pool import POOL_DTYPES, DraftKVPool, fp8_scales
+from .kernels.naive.draft_kv import FP8_DTYPE, norm_rope
 from .kernels.naive.draft_kv import draft_kv_append as _torch_draft_kv_append
-from .kernels.naive.draft_kv import norm_rope
+
+__all__ = ["POOL_DTYPES", "DFlashDrafter", "DraftKVPool", "DrafterOps", "TORCH_OPS", "load_drafter"]
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _ROPE_TYPES = ("default", "linear")
@@ -45,28 +51,6 @@ class DrafterOps:
 
 
 TORCH_OPS = DrafterOps(draft_attention=_torch_draft_attention, draft_kv_append=_torch_draft_kv_append)
-
-
-class DraftKVPool:
-    """Context K/V of every committed token of every draft layer, addressed by slot."""
-
-    def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
-        for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads),
-                            ("head_dim", head_dim)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"DraftKVPool: argument `{name}`: expected an integer >= 1, "
-                                 f"got {value!r}")
-        if not isinstance(num_slots, int) or num_slots < 0:
-            raise ValueError(f"DraftKVPool: argument `num_slots`: expected an integer >= 0, "
-                             f"got {num_slots!r}")
-        shape = (num_layers, num_slots, num_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [Ld, N, Hkv, D]
-        self.v = torch.zeros(shape, dtype=dtype, device=device)  # [Ld, N, Hkv, D]
-
-    @property
-    def num_slots(self) -> int:
-        return self.k.shape[1]
 
 
 class RMSNorm(nn.Module):
@@ -107,13 +91,16 @@ class DraftAttention(nn.Module):
                 slot_rows: torch.Tensor,   # [B] the table row of each request
                 ctx_lens: torch.Tensor,    # [B]
                 attention: Callable,       # the draft_attention op
+                k_scale: torch.Tensor | None = None,  # [Hkv] fp32 scales of an fp8 context pool
+                v_scale: torch.Tensor | None = None,  # [Hkv] fp32
                 ) -> torch.Tensor:         # [B, L, H]
         B, L, _ = x.shape
         D = self.head_dim
         q = norm_rope(self.q_proj(x).view(B, L, self.num_heads, D), self.q_norm.weight, cos, sin, self.eps)
         k = norm_rope(self.k_proj(x).view(B, L, self.num_kv_heads, D), self.k_norm.weight, cos, sin, self.eps)
         v = self.v_proj(x).view(B, L, self.num_kv_heads, D)
-        o = attention(q.to(x.dtype), k_ctx, v_ctx, slot_table, slot_rows, ctx_lens, k.to(x.dtype), v, D ** -0.5)
+        o = attention(q.to(x.dtype), k_ctx, v_ctx, slot_table, slot_rows, ctx_lens, k.to(x.dtype), v, D ** -0.5,
+                      k_scale, v_scale)
         return self.o_proj(o.reshape(B, L, self.num_heads * D))
 
 
@@ -137,10 +124,11 @@ class DraftLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = DraftMLP(cfg)
 
-    def forward(self, h, cos, sin, k_ctx, v_ctx, slot_table, slot_rows, ctx_lens, attention: Callable):
+    def forward(self, h, cos, sin, k_ctx, v_ctx, slot_table, slot_rows, ctx_lens, attention: Callable,
+                k_scale=None, v_scale=None):
         """h [B, L, H] -> [B, L, H]; the other arguments as for ``DraftAttention``."""
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, k_ctx, v_ctx, slot_table, slot_rows,
-                               ctx_lens, attention)
+                               ctx_lens, attention, k_scale, v_scale)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -190,12 +178,23 @@ class DFlashDrafter(nn.Module):
         self._rope_factor = rope_linear_factor(cfg)
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
         self._stacked: tuple[tuple, tuple] | None = None
+        # dtype of the pools new_pool makes (None: the weights'); the caller may set it, as ops
+        self.kv_dtype: torch.dtype | None = None
 
     def new_pool(self, num_slots: int, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> DraftKVPool:
+        """A zeroed pool in ``dtype`` (default: ``kv_dtype``, else the weights' dtype); an fp8
+        pool gets the current weights' ``fp8_scales`` (make a new pool after the weights change)."""
         w = self.fc.weight
+        dtype = dtype or self.kv_dtype or w.dtype
+        scales = self.fp8_scales() if dtype == FP8_DTYPE else None
         return DraftKVPool(self.cfg.num_hidden_layers, num_slots, self.cfg.num_key_value_heads,
-                           self.cfg.head_dim, dtype or w.dtype, device or w.device)
+                           self.cfg.head_dim, dtype, device or w.device, scales)
+
+    def fp8_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k_scale, v_scale) [Ld, Hkv] fp32 of an e4m3 pool, fixed from the current weights
+        (``draft_pool.fp8_scales`` derives them)."""
+        return fp8_scales(self)
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) [..., D/2] fp32 at integer ``positions`` [...] (HF Qwen3 arithmetic)."""
@@ -258,7 +257,8 @@ class DFlashDrafter(nn.Module):
         c = self.cfg
         kv = F.linear(ctx, weight, bias).view(T, c.num_hidden_layers, 2, c.num_key_value_heads, c.head_dim)
         cos, sin = self.rope(positions)
-        self.ops.draft_kv_append(kv, k_norm, cos, sin, slots, pool.k, pool.v, c.rms_norm_eps)
+        self.ops.draft_kv_append(kv, k_norm, cos, sin, slots, pool.k, pool.v, c.rms_norm_eps,
+                                 pool.k_scale, pool.v_scale)
 
     def forward_block(self, pool: DraftKVPool,
                       block_embeds: torch.Tensor,     # [B, L, H] target embeddings of [last, MASK x L-1]
@@ -294,7 +294,8 @@ class DFlashDrafter(nn.Module):
         ``req_to_token``): no host reads, shapes independent of the context lengths."""
         h = block_embeds.to(self.fc.weight.dtype)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, pool.k[i], pool.v[i], slot_table, slot_rows, ctx_lens, self.ops.draft_attention)
+            h = layer(h, cos, sin, pool.k[i], pool.v[i], slot_table, slot_rows, ctx_lens, self.ops.draft_attention,
+                      *pool.layer_scales(i))
         return self.norm(h)
 
     def prepare(self, device: torch.device) -> None:

@@ -117,3 +117,33 @@ def test_verify_width_sweep_both_ways(tmp_path, capsys):
     assert main_offline(_args(["--max-new-tokens", "8", "--num-prompts", "1", "--verify-width", "17",
                                "--out", str(tmp_path / "o")])) == 2
     assert "--verify-width 17 exceeds the draft block 16" in capsys.readouterr().err
+
+
+def test_draft_kv_dtype_walks_with_that_pool(tmp_path, monkeypatch):
+    """`--draft-kv-dtype fp8_e4m3`: the walk drafts from an e4m3 pool (every pool it makes
+    is one) and its tau is the reference walk's with the same pool."""
+    from sglang_dflash.drafter import DFlashDrafter
+
+    made, new_pool = [], DFlashDrafter.new_pool
+
+    def spy(self, *args, **kwargs):
+        pool = new_pool(self, *args, **kwargs)
+        made.append(pool.k.dtype)
+        return pool
+
+    monkeypatch.setattr(DFlashDrafter, "new_pool", spy)
+    out = tmp_path / "bench"
+    argv = ["--max-new-tokens", "32", "--num-prompts", "3", "--draft-kv-dtype", "fp8_e4m3", "--out", str(out)]
+    assert main_offline(_args(argv)) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert made == [torch.float8_e4m3fn]
+    assert (result["draft_kv_dtype"], result["draft_kv_pool"]) == ("fp8_e4m3", "float8_e4m3fn")
+
+    target, drafter = load_tiny_pair()
+    ops = get_ops("torch")
+    use_ops(target, drafter, ops)
+    drafter.kv_dtype = torch.float8_e4m3fn
+    stats, _ = offline_acceptance(target, drafter, ops, [encode(p) for p in DEMO_PROMPTS[:3]],
+                                  max_new_tokens=32)
+    assert made[1:] == [torch.float8_e4m3fn]
+    assert result["tau"] == stats.tau and result["commit_len_counts"] == list(stats.commit_len_counts)

@@ -6,6 +6,7 @@ import torch
 from helpers import assert_close
 from sglang_dflash.kernels.draft_attention import _launch, draft_attention, draft_attention_splits, num_splits
 from sglang_dflash.kernels.naive.draft_attention import draft_attention as draft_attention_ref
+from sglang_dflash.kernels.naive.draft_kv import quantize_fp8
 
 # (B, L, Hq, Hkv, D, dtype, ctx_lens): ragged contexts in one batch, including 0 and 300
 CASES = [
@@ -168,3 +169,80 @@ def test_bad_inputs_name_the_argument(op):
         op(q, k_pool, v_pool, bad_slots, slot_rows, ctx_lens, block_k, block_v, 0.25)
     with pytest.raises(ValueError, match="`slot_table`"):
         op(q, k_pool, v_pool, slot_table.float(), slot_rows, ctx_lens, block_k, block_v, 0.25)
+
+
+# ---- fp8 (e4m3) pools ----
+
+# (B, L, Hq, Hkv, D, dtype of q and the block, ctx_lens)
+FP8_CASES = [
+    (3, 16, 4, 2, 32, torch.float32, [0, 17, 300]),
+    (7, 4, 4, 4, 24, torch.float32, [300, 1, 0, 17, 33, 2, 100]),
+    (3, 16, 4, 4, 24, torch.bfloat16, [0, 300, 1]),
+]
+
+
+def _fp8_inputs(case, seed=0, width=None):
+    """``_inputs`` with the pools quantised to e4m3 at per-head scales (NaN poison stays
+    NaN), plus the float pools holding exactly the dequantised values."""
+    q, k_pool, v_pool, slot_table, slot_rows, ctx_lens, block_k, block_v = _inputs(*case, seed=seed, width=width)
+    scales = []
+    for pool in (k_pool, v_pool):
+        # scaled so the largest entry of each head sits at 300 (some spread, no saturation)
+        scales.append((pool.float().nan_to_num(0.0).abs().amax(dim=(0, 2)) / 300).clamp_min(1e-3))
+    k_scale, v_scale = (s.contiguous() for s in scales)
+    k8, v8 = quantize_fp8(k_pool, k_scale), quantize_fp8(v_pool, v_scale)
+    deq_k, deq_v = k8.float() * k_scale[:, None], v8.float() * v_scale[:, None]
+    fp8_args = (q, k8, v8, slot_table, slot_rows, ctx_lens, block_k, block_v)
+    deq_args = (q, deq_k, deq_v, slot_table, slot_rows, ctx_lens, block_k, block_v)
+    return fp8_args, (k_scale, v_scale), deq_args, (k_pool, v_pool)
+
+
+@pytest.mark.parametrize("case", FP8_CASES, ids=_case_id)
+def test_fp8_twin_reads_the_dequantised_pool(case):
+    """Scaling the scores and the weights (the twin) equals attending to pool * scale."""
+    args, (k_scale, v_scale), deq_args, _ = _fp8_inputs(case)
+    scale = case[4] ** -0.5
+    out = draft_attention_ref(*args, scale, k_scale, v_scale)
+    # fp32 dequantised pools, fp32 queries: the same arithmetic up to the order of the scale
+    deq = draft_attention_ref(*(a.float() if a.is_floating_point() else a for a in deq_args), scale)
+    assert out.dtype == case[5]
+    assert_close("twin fp8", deq, out.float(), 1e-6 if case[5] == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("case", FP8_CASES, ids=_case_id)
+def test_fp8_kernel_matches_twin(case):
+    args, (k_scale, v_scale), _, (k_full, v_full) = _fp8_inputs(case)
+    scale = case[4] ** -0.5
+    ref = draft_attention_ref(*args, scale, k_scale, v_scale)
+    out = draft_attention_splits(*args, scale, 1, torch.full_like(args[0], float("nan")), k_scale, v_scale)
+    assert out.dtype == ref.dtype
+    assert_close("kernel fp8", ref.float(), out.float(), 1e-5 if case[5] == torch.float32 else 1e-2)
+    assert torch.equal(draft_attention(*args, scale, k_scale, v_scale), out)
+    # and e4m3 is a close stand-in for the unquantised pool (2^-4 relative per entry at most)
+    full = draft_attention_ref(*args[:1], k_full, v_full, *args[3:], scale)
+    assert_close("fp8 vs full", full.float(), out.float(), 0.05)
+
+
+@pytest.mark.parametrize("splits", [3, 12], ids=lambda n: f"splits{n}")
+def test_fp8_split_context_merges_to_twin(splits):
+    args, (k_scale, v_scale), _, _ = _fp8_inputs((3, 16, 4, 2, 32, torch.float32, [300, 0, 45]), seed=splits,
+                                                 width=1000)
+    ref = draft_attention_ref(*args, 0.3, k_scale, v_scale)
+    out = draft_attention_splits(*args, 0.3, splits, torch.full_like(args[0], float("nan")), k_scale, v_scale)
+    assert_close(f"fp8 splits={splits}", ref, out, 1e-5)
+
+
+@pytest.mark.parametrize("op", [draft_attention_ref, draft_attention], ids=["twin", "kernel"])
+def test_fp8_pool_needs_its_scales(op):
+    args, (k_scale, v_scale), _, (k_full, v_full) = _fp8_inputs((3, 4, 4, 2, 16, torch.float32, [3, 0, 5]))
+    q, k8, v8, table, rows, lens, bk, bv = args
+    with pytest.raises(ValueError, match="`k_scale`"):
+        op(*args, 0.25)
+    with pytest.raises(ValueError, match="`v_scale`"):
+        op(*args, 0.25, k_scale, v_scale[:1])
+    with pytest.raises(ValueError, match="`k_scale`"):
+        op(q, k_full, v_full, table, rows, lens, bk, bv, 0.25, k_scale, v_scale)
+    with pytest.raises(ValueError, match="`v_pool`"):
+        op(q, k8, v_full, table, rows, lens, bk, bv, 0.25, k_scale, v_scale)
+    with pytest.raises(ValueError, match="only the pool"):
+        op(q, k8, v8, table, rows, lens, bk.to(k8.dtype), bv, 0.25, k_scale, v_scale)

@@ -131,3 +131,94 @@ def test_bad_inputs_name_the_argument(op):
         op(kv, k_norm, cos, sin, torch.tensor([0, 1, 2, 3, 8]), k_pool, v_pool, EPS)
     with pytest.raises(ValueError, match="`kv`"):
         op(kv[:, :, :1], k_norm, cos, sin, slots, k_pool, v_pool, EPS)
+
+
+# ---- fp8 (e4m3) pools ----
+
+FP8 = torch.float8_e4m3fn
+# (T, Ld, Hkv, D, N)
+FP8_CASES = [(13, 3, 2, 24, 40), (29, 2, 4, 32, 64), (5, 1, 1, 16, 8)]
+
+
+def _fp8_scales(Ld, Hkv, seed, power_of_two):
+    """Per (layer, head) scales that put some keys and values past +-448 (saturated)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    scale = torch.rand(2, Ld, Hkv, generator=gen) * 0.004 + 0.004
+    if power_of_two:
+        scale = torch.exp2(torch.log2(scale).round())
+    return scale[0].contiguous(), scale[1].contiguous()
+
+
+def _fp8_pools(Ld, N, Hkv, D):
+    # 0x7e = 448: a poison value fp8 can hold, distinct from anything a zero input writes
+    fill = torch.full((Ld, N, Hkv, D), 448.0).to(FP8)
+    return fill.clone(), fill.clone()
+
+
+def _fp8_case_id(case):
+    return "T{}-Ld{}-Hkv{}-D{}-N{}".format(*case)
+
+
+@pytest.mark.parametrize("power_of_two", [True, False], ids=["pow2-scales", "any-scales"])
+@pytest.mark.parametrize("case", FP8_CASES, ids=_fp8_case_id)
+def test_fp8_kernel_equals_twin_value_for_value(case, power_of_two):
+    """Same e4m3 value in every written element (the interpreter's own fp32 -> e4m3 cast
+    gets ties and round-up carries wrong, so this fails if the kernel relied on it), and
+    the slots outside the call keep their poison."""
+    T, Ld, Hkv, D, N = case
+    kv, k_norm, cos, sin, slots = _inputs(T, Ld, Hkv, D, N, torch.float32)
+    k_scale, v_scale = _fp8_scales(Ld, Hkv, T, power_of_two)
+    ref_k, ref_v = _fp8_pools(Ld, N, Hkv, D)
+    draft_kv_append_ref(kv, k_norm, cos, sin, slots, ref_k, ref_v, EPS, k_scale, v_scale)
+    k_pool, v_pool = _fp8_pools(Ld, N, Hkv, D)
+    draft_kv_append(kv, k_norm, cos, sin, slots, k_pool, v_pool, EPS, k_scale, v_scale)
+    idx = slots.long()
+    # -0 and +0 are the same value: compare values, not bits
+    for name, ref, out in (("k", ref_k, k_pool), ("v", ref_v, v_pool)):
+        differ = ref[:, idx].float() != out[:, idx].float()
+        assert not differ.any(), f"{name}: {int(differ.sum())} of {differ.numel()} values differ"
+    assert (ref_v[:, idx].float().abs() == 448).any(), "the case should saturate some values"
+    untouched = torch.ones(N, dtype=torch.bool)
+    untouched[idx] = False
+    for name, pool in (("k", k_pool), ("v", v_pool)):
+        assert (pool[:, untouched].float() == 448).all(), f"{name}: a slot outside `slots` changed"
+
+
+def test_fp8_twin_dequantises_to_the_float_pool():
+    """Dequantised (x 1 / scale back) fp8 entries are the fp32 ones within e4m3 rounding
+    (2^-4 relative at most) where nothing saturates."""
+    T, Ld, Hkv, D, N = 29, 2, 4, 32, 64
+    kv, k_norm, cos, sin, slots = _inputs(T, Ld, Hkv, D, N, torch.float32)
+    f_k, f_v = _poisoned_pools(Ld, N, Hkv, D, torch.float32)
+    draft_kv_append_ref(kv, k_norm, cos, sin, slots, f_k, f_v, EPS)
+    idx = slots.long()
+    # scales from the largest magnitude per (layer, head): no saturation
+    k_scale = f_k[:, idx].abs().amax(dim=(1, 3)) / 448
+    v_scale = f_v[:, idx].abs().amax(dim=(1, 3)) / 448
+    q_k, q_v = _fp8_pools(Ld, N, Hkv, D)
+    draft_kv_append(kv, k_norm, cos, sin, slots, q_k, q_v, EPS, k_scale, v_scale)
+    for name, ref, pool, scale in (("k", f_k, q_k, k_scale), ("v", f_v, q_v, v_scale)):
+        deq = pool[:, idx].float() * scale[:, None, :, None]
+        exact = ref[:, idx]
+        # e4m3 normals keep 3 mantissa bits: half a step is 2^-4 of the value
+        normal = exact.abs() >= 2.0 ** -6 * scale[:, None, :, None]
+        assert ((deq - exact).abs()[normal] <= exact.abs()[normal] * 2.0 ** -4).all(), name
+        assert_close(f"fp8 {name}", exact, deq, 0.04)
+
+
+@pytest.mark.parametrize("op", [draft_kv_append_ref, draft_kv_append], ids=["twin", "kernel"])
+def test_fp8_pool_needs_its_scales(op):
+    kv, k_norm, cos, sin, slots = _inputs(5, 2, 2, 16, 8, torch.float32)
+    k_pool, v_pool = _fp8_pools(2, 8, 2, 16)
+    k_scale, v_scale = _fp8_scales(2, 2, 0, True)
+    with pytest.raises(ValueError, match="`k_scale`"):
+        op(kv, k_norm, cos, sin, slots, k_pool, v_pool, EPS)
+    with pytest.raises(ValueError, match="`v_scale`"):
+        op(kv, k_norm, cos, sin, slots, k_pool, v_pool, EPS, k_scale, v_scale[:1])
+    with pytest.raises(ValueError, match="`v_scale`"):
+        op(kv, k_norm, cos, sin, slots, k_pool, v_pool, EPS, k_scale, v_scale.double())
+    f_k, f_v = _poisoned_pools(2, 8, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match="`k_scale`"):
+        op(kv, k_norm, cos, sin, slots, f_k, f_v, EPS, k_scale, v_scale)
+    with pytest.raises(ValueError, match="`v_pool`"):
+        op(kv, k_norm, cos, sin, slots, k_pool, f_v, EPS, k_scale, v_scale)

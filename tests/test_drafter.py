@@ -235,3 +235,69 @@ def test_bad_inputs_are_refused_by_name():
         drafter.forward_block(pool, sc.embeds, sc.positions[:, :2], sc.slot_table, torch.tensor(sc.ctx_lens))
     with pytest.raises(ValueError, match="rope type 'yarn'"):
         DFlashDrafter(_config(rope_scaling=(("factor", 2.0), ("rope_type", "yarn"))))
+
+
+# ---- fp8 (e4m3) draft K/V ----
+
+FP8 = torch.float8_e4m3fn
+
+
+def test_fp8_pool_stays_inside_e4m3_and_close_to_the_float_pool():
+    """The weight-derived scales hold every context entry below 448 even for large
+    features (no saturation), and the dequantised entries are the fp32 pool's within
+    e4m3 rounding (2^-4 relative) wherever they are e4m3 normals."""
+    drafter, sc = _drafter(_config(attention_bias=True)), Scenario(seed=5)
+    sc.features = [f * 50 for f in sc.features]
+    with torch.no_grad():
+        full = sc.fill(drafter)
+        drafter.kv_dtype = FP8
+        quant = sc.fill(drafter)
+    assert quant.k.dtype == FP8 and quant.k_scale.shape == (2, 2) and quant.v_scale.dtype == torch.float32
+    owned = torch.cat(sc.slots)
+    for name, exact, stored, scale in (("k", full.k, quant.k, quant.k_scale), ("v", full.v, quant.v, quant.v_scale)):
+        stored = stored[:, owned].float()
+        # inside the range, and not so far inside that the format is wasted
+        assert stored.abs().max() < 448 and stored.abs().max() > 8, (name, stored.abs().max())
+        deq = stored * scale[:, None, :, None]
+        exact = exact[:, owned]
+        normal = exact.abs() >= 2.0 ** -6 * scale[:, None, :, None]
+        assert normal.float().mean() > 0.99
+        assert ((deq - exact).abs()[normal] <= exact.abs()[normal] * 2.0 ** -4 * 1.0001).all(), name
+    # scales are powers of two, so pool * scale is exact in any float format
+    assert torch.equal(torch.log2(quant.v_scale), torch.log2(quant.v_scale).round())
+
+
+def test_fp8_forward_follows_the_float_forward_on_both_backends():
+    drafter, sc = _drafter(_config()), Scenario(seed=6)
+    with torch.no_grad():
+        ref = sc.run(drafter, sc.fill(drafter))
+        drafter.kv_dtype = FP8
+        torch_pool = sc.fill(drafter)
+        out_torch = sc.run(drafter, torch_pool)
+        drafter.ops = DrafterOps(draft_attention=triton_draft_attention, draft_kv_append=triton_draft_kv_append)
+        triton_pool = sc.fill(drafter)
+        out_triton = sc.run(drafter, triton_pool)
+    assert torch.equal(torch_pool.k.float(), triton_pool.k.float())
+    assert torch.equal(torch_pool.v.float(), triton_pool.v.float())
+    assert_close("triton vs torch, fp8 pool", out_torch, out_triton, 1e-5)
+    assert_close("fp8 vs fp32 pool", ref, out_torch, 0.05)
+
+
+def test_pool_dtype_and_bytes_per_token():
+    drafter = _drafter(_config())
+    per_element = {torch.float32: 4, torch.bfloat16: 2, FP8: 1}
+    for dtype, size in per_element.items():
+        pool = drafter.new_pool(8, dtype=dtype)
+        # layers x (K, V) x KV heads x head dim x bytes
+        assert pool.k.dtype == dtype and pool.bytes_per_token == 2 * 2 * 2 * 16 * size
+        assert (pool.k_scale is None) == (dtype != FP8)
+    drafter.kv_dtype = torch.bfloat16
+    assert drafter.new_pool(4).k.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="`dtype`"):
+        drafter.new_pool(4, dtype=torch.float8_e5m2)
+    from sglang_dflash.drafter import DraftKVPool
+
+    with pytest.raises(ValueError, match="`scales`"):
+        DraftKVPool(2, 4, 2, 16, FP8, "cpu")
+    with pytest.raises(ValueError, match="`scales`"):
+        DraftKVPool(2, 4, 2, 16, FP8, "cpu", (torch.ones(2, 2), torch.ones(2, 3)))

@@ -39,21 +39,23 @@ CAP_RULE = {
 # The per-token and per-request sizes the headers derive, recomputed from the model facts.
 MLA_BYTES = 7 * (512 + 64) * 2             # 7 MLA layers, latent + rope, bf16
 # 5 layers, K and V, 32 heads x 72 (MHA, inferred from the drafter's 902 MB file), bf16;
-# the plugin holds it whole on every rank
+# the plugin holds it whole on every rank. test_draft_kv_pricing.py checks that SGLang's
+# planner charges exactly this (and half of it for an fp8 pool) at the worker's layout.
 DRAFT_KV_BYTES = 5 * 2 * 32 * 72 * 2
+FP8_DRAFT_KV_BYTES = DRAFT_KV_BYTES // 2
 DRAFTER_BYTES = 902_487_456
 KDA_MIB = (20 * 32 * 128 * 128 * 4 + 20 * 3 * 4096 * 3 * 2) / 2**20
 WEIGHTS_GIB = 48e9 * 2 / 2**30
 
 
-def token_pool(name: str, fields: dict, requests: int) -> float:
+def token_pool(name: str, fields: dict, requests: int, draft_kv_bytes: int = DRAFT_KV_BYTES) -> float:
     """Tokens of KV (target + draft) that fit per GPU with ``requests`` state slots."""
     text = (CONFIGS / name).read_text()
     visible = float(re.search(r"([\d.]+) GiB visible", text).group(1))
     tp, scratch_mib = fields["tp_size"], CAP_RULE[name][0]
     pool_gib = (fields["mem_fraction_static"] * visible - WEIGHTS_GIB / tp - DRAFTER_BYTES / 2**30
                 - requests * (3 * KDA_MIB / tp + scratch_mib) / 1024)
-    return pool_gib * 2**30 / (MLA_BYTES + DRAFT_KV_BYTES)
+    return pool_gib * 2**30 / (MLA_BYTES + draft_kv_bytes)
 
 
 @pytest.fixture(scope="module")
@@ -117,14 +119,39 @@ def test_request_cap_and_token_pool_follow_from_the_arithmetic(checked, name):
     stated = int(re.search(r"54144 B ~ (\d+)k tokens", header).group(1)) * 1000
     # the header sums rounded GiB terms: within 0.2 GiB of the exact pool
     assert abs(stated - token_pool(name, f, cap)) < 0.2 * 2**30 / (MLA_BYTES + DRAFT_KV_BYTES)
-    # (sglang's parser accepted the flag in `checked`; its value is read from the file)
-    max_total = serve.read_config(CONFIGS / name).get("max-total-tokens")
-    if f["tp_size"] > 1:
-        # the plugin's draft K/V is whole on every rank: the slots must fit at its full size
-        assert max_total is not None and max_total <= token_pool(name, f, cap)
-    else:
-        # at TP1 sglang plans the draft K/V at exactly what the plugin holds
-        assert max_total is None
+    # sglang plans the draft K/V at exactly what the plugin holds, at TP2 too (the worker's
+    # draft_parallel_layout), so no file caps the token pool by hand
+    assert serve.read_config(CONFIGS / name).get("max-total-tokens") is None
+
+
+def test_fp8_capacity_figures_follow_from_the_arithmetic(checked):
+    """The fp8 draft K/V figures (the TP2 header, the table in docs/draft_kv.md): per-token
+    bytes, and the tokens each file's pool holds at both dtypes."""
+    fp8_token = MLA_BYTES + FP8_DRAFT_KV_BYTES
+    tolerance = 0.2 * 2**30 / fp8_token  # the texts sum rounded GiB terms, as the headers do
+    tp2 = "kimi-linear-h100x2-tp2.yaml"
+    header = (CONFIGS / tp2).read_text().split("\nmodel-path:")[0]
+    line = re.search(r"\((\d+) B, (\d+) B per token\): [\d.]+ GiB ~ (\d+)k tokens, ([\d.]+)x", header)
+    assert line, f"{tp2}: no fp8 draft K/V line"
+    f = checked[tp2]["fields"]
+    assert (int(line.group(1)), int(line.group(2))) == (FP8_DRAFT_KV_BYTES, fp8_token)
+    assert abs(int(line.group(3)) * 1000 - token_pool(tp2, f, 32, FP8_DRAFT_KV_BYTES)) < tolerance
+    assert line.group(4) == f"{(MLA_BYTES + DRAFT_KV_BYTES) / fp8_token:.2f}"
+
+    doc = (CONFIGS.parent / "docs" / "draft_kv.md").read_text()
+    rows = dict(re.findall(r"^\| (bf16|fp8 e4m3) \|(.*)\|$", doc, flags=re.M))
+    assert sorted(rows) == ["bf16", "fp8 e4m3"], "docs/draft_kv.md: no capacity table"
+    for dtype, draft in (("bf16", DRAFT_KV_BYTES), ("fp8 e4m3", FP8_DRAFT_KV_BYTES)):
+        cells = [c.strip().replace(",", "") for c in rows[dtype].split("|")]
+        assert [int(c) for c in cells[:3]] == [draft, MLA_BYTES + draft, int(2**30 / (MLA_BYTES + draft))]
+        pools = [float(c.removesuffix("k")) * 1000 for c in cells[3:]]
+        names = ("kimi-linear-h200-tp1.yaml", tp2, "kimi-linear-b200-tp1.yaml", "kimi-linear-h200-tp1-highconc.yaml")
+        assert len(pools) == len(names), cells
+        for name, stated in zip(names, pools):
+            fields = checked[name]["fields"]
+            exact = token_pool(name, fields, fields["max_running_requests"], draft)
+            assert abs(stated - exact) < 0.2 * 2**30 / (MLA_BYTES + draft), \
+                f"docs/draft_kv.md: {dtype}, {name}: {stated} vs {exact:.0f}"
 
 
 def test_extra_arguments_win_over_the_file():

@@ -4,6 +4,9 @@ Request ``b`` attends, non-causally, to the keys of its context positions
 ``0 .. min(ctx_lens[b], S) - 1``, stored in the pool at ``slot_table[slot_rows[b], t]``
 (a row of SGLang's ``req_to_token``, or of any ``[R, S]`` table), followed by the ``L``
 keys of its own block. Scores and softmax in fp32; the output takes the dtype of ``q``.
+An fp8 pool comes with its layer's per-KV-head scales (``k_scale`` / ``v_scale``, see
+``naive.draft_kv``): its keys and values are read as ``pool * scale``; the block's own
+keys and values are never quantised.
 
 The context is folded in column chunks with a running (max, sum, weighted values), so
 memory stays bounded when the table is as wide as the model's context (a ``[B, S]``
@@ -14,6 +17,8 @@ gather of keys would not fit); the loop bounds depend only on shapes. Differenti
 from __future__ import annotations
 
 import torch
+
+from .draft_kv import FP8_DTYPE, check_pool_scales
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 # context columns folded at once: bounds the gathered keys to B x 4096 x Hkv x D
@@ -32,7 +37,8 @@ def _check_index_args(B: int, slot_table, slot_rows, ctx_lens) -> None:
             _fail(name, f"[{B}] int32/int64", f"{tuple(t.shape)} {t.dtype}")
 
 
-def check_draft_attention_args(q, k_pool, v_pool, slot_table, slot_rows, ctx_lens, block_k, block_v) -> None:
+def check_draft_attention_args(q, k_pool, v_pool, slot_table, slot_rows, ctx_lens, block_k, block_v,
+                               k_scale=None, v_scale=None) -> None:
     """Shapes, dtypes and devices shared by the twin and the kernel; index values only
     on CPU (checking them on a GPU would cost a device sync every call)."""
     if q.ndim != 4:
@@ -41,11 +47,16 @@ def check_draft_attention_args(q, k_pool, v_pool, slot_table, slot_rows, ctx_len
     for name, t in (("k_pool", k_pool), ("v_pool", v_pool)):
         if t.ndim != 3 or t.shape[2] != D:
             _fail(name, f"[N, Hkv, {D}]", tuple(t.shape))
-    if v_pool.shape != k_pool.shape:
-        _fail("v_pool", f"the shape of k_pool {tuple(k_pool.shape)}", tuple(v_pool.shape))
+    if v_pool.shape != k_pool.shape or v_pool.dtype != k_pool.dtype:
+        _fail("v_pool", f"the shape and dtype of k_pool {tuple(k_pool.shape)} {k_pool.dtype}",
+              f"{tuple(v_pool.shape)} {v_pool.dtype}")
     Hkv = k_pool.shape[1]
     if Hkv == 0 or Hq % Hkv:
         _fail("k_pool", f"a KV head count dividing Hq={Hq}", Hkv)
+    check_pool_scales("draft_attention", k_pool, {"k_scale": k_scale, "v_scale": v_scale}, (Hkv,))
+    if FP8_DTYPE in (q.dtype, block_k.dtype, block_v.dtype):
+        _fail("q/block_k/block_v", "unquantised floats (only the pool may be fp8)",
+              [q.dtype, block_k.dtype, block_v.dtype])
     for name, t in (("block_k", block_k), ("block_v", block_v)):
         if tuple(t.shape) != (B, L, Hkv, D):
             _fail(name, f"[B, L, Hkv, D] = {(B, L, Hkv, D)}", tuple(t.shape))
@@ -98,21 +109,27 @@ def draft_attention(
     block_k: torch.Tensor,     # [B, L, Hkv, D]
     block_v: torch.Tensor,     # [B, L, Hkv, D]
     scale: float,
+    k_scale: torch.Tensor | None = None,  # [Hkv] fp32 dequantisation scales of an fp8 pool
+    v_scale: torch.Tensor | None = None,  # [Hkv] fp32
 ) -> torch.Tensor:             # [B, L, Hq, D], dtype of q
-    check_draft_attention_args(q, k_pool, v_pool, slot_table, slot_rows, ctx_lens, block_k, block_v)
+    check_draft_attention_args(q, k_pool, v_pool, slot_table, slot_rows, ctx_lens, block_k, block_v,
+                               k_scale, v_scale)
     B, L, Hq, D = q.shape
     Hkv, S = k_pool.shape[1], slot_table.shape[1]
     qf = q.float().view(B, L, Hkv, Hq // Hkv, D)  # GQA: query head h * G + g reads KV head h
     # the block's own keys first: every row then has a finite running max
     state = _fold(qf, block_k.float(), block_v.float(), None, scale, None)
     rows = slot_rows.long()[:, None]
+    # [Hkv, 1] per-head factors of the pool's entries
+    k_mul = 1.0 if k_scale is None else k_scale[:, None]
+    v_mul = 1.0 if v_scale is None else v_scale[:, None]
     for c0 in range(0, S, _CHUNK):
         cols = torch.arange(c0, min(c0 + _CHUNK, S), device=q.device)
         used = cols[None, :] < ctx_lens[:, None].long()  # [B, n]
         # columns past ctx_lens may hold anything: read slot 0 there, then mask keys and zero values
         slots = torch.where(used, slot_table[rows, cols[None, :]].long(), 0)
-        v = torch.where(used[:, :, None, None], v_pool[slots].float(), 0.0)
-        state = _fold(qf, k_pool[slots].float(), v, used, scale, state)
+        v = torch.where(used[:, :, None, None], v_pool[slots].float() * v_mul, 0.0)
+        state = _fold(qf, k_pool[slots].float() * k_mul, v, used, scale, state)
     _, den, acc = state
     out = (acc / den[..., None]).permute(0, 3, 1, 2, 4).reshape(B, L, Hq, D)
     return out.to(q.dtype)

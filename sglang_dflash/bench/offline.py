@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from ..backend import BACKENDS, get_ops
 from ..cli_types import int_list
 from ..acceptance import acceptance_stats
@@ -29,6 +31,10 @@ from ..reference.sampling import SamplingParams
 from .plots import write_offline_plot, write_verify_width_plot
 
 TINY = "tiny"
+# --draft-kv-dtype: SGLang's --speculative-draft-kv-cache-dtype spellings, plus float32;
+# None keeps the drafter's own dtype
+DRAFT_KV_DTYPES = {"auto": None, "float32": torch.float32, "bf16": torch.bfloat16,
+                   "bfloat16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn}
 
 
 def add_offline_args(p: argparse.ArgumentParser) -> None:
@@ -50,6 +56,9 @@ def add_offline_args(p: argparse.ArgumentParser) -> None:
                    help="also walk each verify width W (2..L) as 'draft L, verify W' and as "
                         "'draft W, verify W'; adds result.json['verify_widths'] and verify_width.png")
     p.add_argument("--backend", choices=BACKENDS, default="torch")
+    p.add_argument("--draft-kv-dtype", choices=list(DRAFT_KV_DTYPES), default="auto",
+                   help="dtype of the draft K/V pool, as the server's --speculative-draft-kv-cache-dtype "
+                        "(auto: the drafter's dtype; fp8_e4m3: e4m3 with fixed per-(layer, KV head) scales)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the target's own modeling code (transformers targets only; "
                         "the drafter never runs checkpoint code)")
@@ -125,6 +134,8 @@ def run_offline(args) -> dict:
     texts = select_prompts(_prompt_texts(args), args.num_prompts, args.shuffle_seed)
     setup = _tiny_setup if args.target == TINY else _transformers_setup
     target, drafter, prompts, continue_greedy = setup(args, texts)
+    drafter.kv_dtype = DRAFT_KV_DTYPES[args.draft_kv_dtype]
+    pool_dtype = drafter.kv_dtype or drafter.fc.weight.dtype
     L = args.block_size or drafter.cfg.block_size
     t0 = time.time()
     continuations = []
@@ -142,6 +153,7 @@ def run_offline(args) -> dict:
         "target": args.target, "drafter": args.drafter or TINY, "block_size": L,
         "num_prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
         "shuffle_seed": args.shuffle_seed, "backend": args.backend,
+        "draft_kv_dtype": args.draft_kv_dtype, "draft_kv_pool": str(pool_dtype).removeprefix("torch."),
         "seconds": round(time.time() - t0, 3),
         **stats.to_dict(),
         "per_prompt_tau": [sum(p) / len(p) if p else 0.0 for p in lens],
@@ -185,7 +197,7 @@ def main_offline(args) -> int:
     write_offline_plot(result, args.out / "acceptance.png")
     written = [args.out / "result.json", args.out / "acceptance.png"]
     print(f"offline tau {result['tau']:.3f} over {result['steps']} steps "
-          f"({result['num_prompts']} prompts, block {result['block_size']})")
+          f"({result['num_prompts']} prompts, block {result['block_size']}, draft K/V {result['draft_kv_pool']})")
     if result["verify_widths"]:
         print_width_table(result["verify_widths"])
         if write_verify_width_plot(result, args.out / "verify_width.png"):

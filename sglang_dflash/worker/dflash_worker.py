@@ -9,6 +9,7 @@ import logging
 import time
 
 import torch
+from sglang.srt.configs.draft_parallel import DraftParallelLayout
 from sglang.srt.layers.logprob_processor import compute_spec_logprobs
 from sglang.srt.managers.utils import GenerationBatchResult
 from sglang.srt.runtime_context import get_parallel, mamba_track_grid
@@ -64,9 +65,15 @@ def row_sampling(sampling_info) -> tuple[RowSampling | None, torch.Tensor | None
 class DFlashWorker(BaseSpecWorker):
     """Prefill with feature capture, then per decode step: draft -> verify -> accept -> commit."""
 
+    # The scheduler hands this layout to the target's memory planner, which charges the
+    # draft K/V at its attention TP width (kv_cache_configurator.draft_attn_tp_size). The
+    # drafter runs whole on every rank, all KV heads in every rank's pool: width 1.
+    draft_parallel_layout = DraftParallelLayout(tp_group=None, attn_tp_size=1)
+
     def __init__(self, server_args, gpu_id: int, nccl_port: int, target_worker):
         device = target_worker.model_runner.model.lm_head.weight.device
-        cfg = worker_config(read_server_settings(str(device)))
+        draft_model = target_worker.model_runner.spec_aux_config.draft_model_config
+        cfg = worker_config(read_server_settings(str(device), draft_model.dtype))
         drafter = load_drafter_for(cfg, target_worker.model_runner, device)
         tp_group = get_parallel().tp_group if cfg.tp_size > 1 else None
         self._setup(target_worker, cfg, drafter, SGLangTarget(target_worker, cfg.verify_width), tp_group)
@@ -106,7 +113,11 @@ class DFlashWorker(BaseSpecWorker):
         # one draft-context row per slot id the target's allocator can hand out (slot 0 is
         # SGLang's padding slot); SGLang's KV budget already set aside room for it
         self.pool_slots = token_to_kv_pool_allocator.size + token_to_kv_pool_allocator.page_size
-        self.pool = self.drafter.new_pool(self.pool_slots)
+        self.pool = self.drafter.new_pool(self.pool_slots, dtype=self.cfg.draft_kv_dtype)
+        # the Triton binaries the warm-up compiles read and write a pool of this dtype
+        self.drafter.kv_dtype = self.pool.k.dtype
+        if self._target_worker is not None:  # None: a worker built from parts (tests)
+            self._check_planned_bytes(self._target_worker.model_runner.kv_cache_configurator)
         # RoPE frequencies and stacked context weights now, never inside a graph capture
         self.drafter.prepare(self.device)
         self.draft_runner = DraftRunner(DraftParts(
@@ -114,6 +125,19 @@ class DFlashWorker(BaseSpecWorker):
             req_to_token=req_to_token_pool.req_to_token, mask_token_id=self.mask_token_id,
             block_size=self.block_size, verify_width=self.verify_width))
         self.history = OutputHistory(req_to_token_pool.req_to_token.shape[0], self.verify_width, self.device)
+
+    def _check_planned_bytes(self, planner) -> None:
+        """The draft pool costs per token what SGLang's memory planner set aside for it."""
+        planned = planner.dflash_draft_cell_size_per_token
+        held = self.pool.bytes_per_token
+        logger.info("DFlash draft K/V: %s, %d B/token x %d slots = %.1f MiB; SGLang's planner charged %s B/token",
+                    self.pool.k.dtype, held, self.pool_slots, held * self.pool_slots / 2**20, planned)
+        if planned is None:
+            logger.warning("DFlash draft K/V: SGLang's planner could not price the draft pool and scaled "
+                           "the target's per-token bytes instead; the token budget may not fit it")
+        elif planned != held:
+            raise RuntimeError(f"DFlash draft K/V holds {held} B per token ({self.pool.k.dtype}) but SGLang's "
+                               f"memory planner charged {planned} B per token for it")
 
     def init_attention_backends(self):
         self.commit_linear_state = self.target.has_linear_state()

@@ -10,7 +10,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import torch
+
 from ..backend import BACKENDS
+from ..draft_pool import POOL_DTYPES
 from ..sampling import BACKEND_DEFINITIONS
 
 # op backend: "triton" kernels or "torch" twins; unset = triton on CUDA, torch elsewhere
@@ -41,6 +44,13 @@ class ServerSettings:
     # (--disable-cuda-graph or --cuda-graph-backend-decode disabled)
     cuda_graph_bs: tuple[int, ...] | None = None
     sampling_backend: str = "pytorch"  # --sampling-backend, as SGLang resolved it
+    # what SGLang's memory planner resolves the draft K/V dtype from
+    # (mem_cache/draft_kv_budget.py resolve_dflash_draft_cell_size)
+    kv_cache_dtype: str = "auto"  # --kv-cache-dtype
+    draft_kv_cache_dtype: str | None = None  # --speculative-draft-kv-cache-dtype
+    draft_attention_backend: str | None = None  # --speculative-draft-attention-backend
+    # the dtype of SGLang's draft ModelConfig (spec_aux_config.draft_model_config)
+    draft_model_dtype: torch.dtype | None = None
 
 
 @dataclass(frozen=True)
@@ -53,11 +63,22 @@ class WorkerConfig:
     cuda_graph_bs: tuple[int, ...] | None = None
     # --sampling-backend: its top-k / top-p / min-p define a sampled request's distribution
     sampling_backend: str = "pytorch"
+    # the draft K/V pool's dtype, as SGLang's planner priced it; None: the drafter's dtype
+    draft_kv_dtype: torch.dtype | None = None
 
 
-def read_server_settings(device: str) -> ServerSettings:
-    """The settings of this SGLang process (scheduler side, runtime context published)."""
-    from sglang.srt.runtime_context import get_disagg, get_exec, get_lora, get_memory, get_parallel, get_spec
+def read_server_settings(device: str, draft_model_dtype: torch.dtype | None = None) -> ServerSettings:
+    """The settings of this SGLang process (scheduler side, runtime context published);
+    ``draft_model_dtype``: the dtype of the draft ModelConfig SGLang's planner priced."""
+    from sglang.srt.runtime_context import (
+        get_disagg,
+        get_exec,
+        get_lora,
+        get_memory,
+        get_model,
+        get_parallel,
+        get_spec,
+    )
 
     spec, memory, parallel = get_spec(), get_memory(), get_parallel()
     graphs = get_exec().graph.cuda_graph_config
@@ -82,7 +103,37 @@ def read_server_settings(device: str) -> ServerSettings:
         ops_env=os.environ.get(OPS_ENV),
         cuda_graph_bs=graph_bs,
         sampling_backend=str(get_exec().kernel.sampling_backend),
+        kv_cache_dtype=get_model().kv_cache_dtype,
+        draft_kv_cache_dtype=spec.speculative_draft_kv_cache_dtype,
+        draft_attention_backend=spec.speculative_draft_attention_backend,
+        draft_model_dtype=draft_model_dtype,
     )
+
+
+def priced_draft_kv_dtype(s: ServerSettings) -> torch.dtype | None:
+    """The draft K/V dtype SGLang's memory planner charges for: the same call with the
+    same arguments as its ``resolve_dflash_draft_cell_size``, so the pool the worker
+    allocates is the one priced. None: the drafter's own dtype (no planner dtype known)."""
+    from sglang.srt.mem_cache.kv_cache_dtype import configure_kv_cache_dtype
+
+    _, dtype = configure_kv_cache_dtype(
+        server_args_kv_cache_dtype=s.kv_cache_dtype, speculative_draft_kv_cache_dtype=s.draft_kv_cache_dtype,
+        model=None, model_dtype=s.draft_model_dtype, is_draft_worker=True, is_dflash=True,
+        speculative_draft_attention_backend=s.draft_attention_backend)
+    return dtype
+
+
+def _draft_kv_problem(s: ServerSettings) -> str | None:
+    flag = (f"--speculative-draft-kv-cache-dtype {s.draft_kv_cache_dtype}" if s.draft_kv_cache_dtype is not None
+            else f"--kv-cache-dtype {s.kv_cache_dtype} (the draft K/V follows it)")
+    try:
+        dtype = priced_draft_kv_dtype(s)
+    except ValueError as e:
+        return f"{flag}: {e}"
+    if dtype is not None and dtype not in POOL_DTYPES:
+        return (f"{flag} gives a {dtype} draft K/V pool; the DFlash pool holds fp8_e4m3, bf16, or the "
+                "model dtype ('auto'): pass --speculative-draft-kv-cache-dtype with one of them")
+    return None
 
 
 def _problems(s: ServerSettings) -> list[str]:
@@ -112,7 +163,9 @@ def _problems(s: ServerSettings) -> list[str]:
          f"--sampling-backend {s.sampling_backend} is not supported: the sampled verify follows the "
          f"filters of {sorted(BACKEND_DEFINITIONS)}"),
     ]
-    return [message for refused, message in refusals if refused]
+    problems = [message for refused, message in refusals if refused]
+    draft_kv = _draft_kv_problem(s)
+    return problems + ([draft_kv] if draft_kv else [])
 
 
 def worker_config(s: ServerSettings) -> WorkerConfig:
@@ -123,4 +176,4 @@ def worker_config(s: ServerSettings) -> WorkerConfig:
     backend = s.ops_env or ("triton" if s.device.startswith("cuda") else "torch")
     return WorkerConfig(drafter_path=s.drafter_path, verify_width=int(s.verify_width),
                         op_backend=backend, tp_size=s.tp_size, cuda_graph_bs=s.cuda_graph_bs,
-                        sampling_backend=s.sampling_backend)
+                        sampling_backend=s.sampling_backend, draft_kv_dtype=priced_draft_kv_dtype(s))

@@ -57,7 +57,7 @@ def serving_launches(
     cfg, dtype, L, W = drafter.cfg, drafter.fc.weight.dtype, block_size, verify_width
     with torch.device("meta"):
         meta = DFlashDrafter(cfg).to(dtype)
-    meta.ops = drafter.ops
+    meta.ops, meta.kv_dtype = drafter.ops, drafter.kv_dtype
     pool = meta.new_pool(8)
     lm_head = _meta(lm_head_rows, cfg.hidden_size, dtype=dtype)
 
