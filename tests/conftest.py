@@ -17,3 +17,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+# session-wide plain servers the server test modules compare against (tests/plain_servers.py)
+from plain_servers import kimi_plain, qwen3_plain  # noqa: E402,F401

@@ -2,7 +2,8 @@
 
 Two real SGLang 0.5.23 servers on the bundled tiny Qwen3 pair (fp32, torch-native
 attention with the dev verify shim, started by ``python -m sglang_dflash.dev.cpu_shims serve``):
-one plain, one with ``--speculative-algorithm dflash`` and the plugin's worker. Every
+the session's plain one (``plain_servers``) and one with ``--speculative-algorithm dflash``
+and the plugin's worker. Every
 greedy answer of the DFlash server must equal the plain server's, token for token;
 its per-request verify counts must equal the teacher-forced walk of the same pair;
 after everything (concurrent batches, EOS and stop strings inside blocks, max_tokens
@@ -24,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from plain_servers import QWEN3_COMMON_ARGS
 from sglang_env import require_sglang
 
 from sglang_dflash.dev.server import Server, ServerExited
@@ -37,7 +39,7 @@ from sglang_dflash.reference.tiny_qwen3 import DRAFTER_DIR, TARGET_DIR  # noqa: 
 BLOCK = 16
 # --sleep-on-idle: an idle scheduler sleeps instead of polling, so servers left idle by
 # other tests do not starve the one under test on a 2-core machine
-COMMON_ARGS = ("--max-total-tokens", "8192", "--max-running-requests", "16", "--sleep-on-idle")
+COMMON_ARGS = QWEN3_COMMON_ARGS
 SPEC_ARGS = ("--speculative-algorithm", "dflash", "--speculative-draft-model-path", str(DRAFTER_DIR))
 CONCURRENCY = 8
 MAX_NEW = 40  # not a multiple of the block: the last step is cut by max_new_tokens
@@ -62,10 +64,8 @@ def start(tmp_path_factory, name: str, extra: tuple[str, ...]) -> Server:
 
 
 @pytest.fixture(scope="module")
-def plain(tmp_path_factory):
-    srv = start(tmp_path_factory, "plain", ())
-    yield srv
-    srv.stop()
+def plain(qwen3_plain):
+    return qwen3_plain
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,8 @@
 """DFlash CPU servers with an fp8 (e4m3) draft K/V pool (``--speculative-draft-kv-cache-dtype
-fp8_e4m3``) against plain servers, on both bundled tiny pairs.
+fp8_e4m3``) against the plain servers, on both bundled tiny pairs.
 
-Per pair, three servers run one after the other (one on the machine at a time): plain,
-DFlash with the default draft pool (the drafter's fp32), DFlash with the fp8 pool. What
-must hold:
+Per pair one fp8 DFlash server, compared with the session's plain server of its target
+(``plain_servers``). What must hold:
 
 - greedy output of the fp8 server equals the plain server's token for token (losslessness
   does not depend on what the drafter proposes);
@@ -11,10 +10,11 @@ must hold:
 - each request's verify count and tokens equal the teacher-forced walk of the pair with an
   fp8 pool over the plain continuation, so the tau the server reports is the offline fp8
   figure; the prompt set is one on which the fp8 and fp32 walks differ, so a server that
-  drafted from a float pool would fail this;
-- the default-pool server's counts equal the fp32 walk.
+  drafted from a float pool would fail this. (Servers with the default pool are checked
+  against the fp32 walk by ``test_dflash_server`` and ``test_kimi_server``.)
 
-The taus, teacher-forced and through the servers, are printed (``pytest -s``).
+The taus, teacher-forced with both pools and through the fp8 server, are printed
+(``pytest -s``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from plain_servers import KIMI_COMMON_ARGS, QWEN3_COMMON_ARGS
 from sglang_env import require_sglang
 
 from sglang_dflash.dev.server import Server
@@ -38,7 +39,6 @@ pytestmark = pytest.mark.slow
 
 BLOCK = 16
 MAX_NEW = 40
-COMMON_ARGS = ("--max-total-tokens", "4096", "--max-running-requests", "8", "--sleep-on-idle")
 FP8 = ("--speculative-draft-kv-cache-dtype", "fp8_e4m3")
 FP8_POOL_LOG = re.compile(r"DFlash draft K/V: (\S+), (\d+) B/token x \d+ slots = [\d.]+ MiB; "
                           r"SGLang's planner charged (\d+) B/token")
@@ -48,16 +48,18 @@ FP8_POOL_LOG = re.compile(r"DFlash draft K/V: (\S+), (\d+) B/token x \d+ slots =
 class Pair:
     target: Path
     drafter: Path
-    extra: tuple[str, ...]    # flags every server of the pair gets
+    args: tuple[str, ...]    # the flags of the pair's plain server, which the DFlash one shares
+    plain: str  # the session fixture of that plain server
 
     def spec(self) -> tuple[str, ...]:
         return ("--speculative-algorithm", "dflash", "--speculative-draft-model-path", str(self.drafter))
 
 
 PAIRS = {
-    "qwen3": Pair(tiny_qwen3.TARGET_DIR, tiny_qwen3.DRAFTER_DIR, ()),
+    "qwen3": Pair(tiny_qwen3.TARGET_DIR, tiny_qwen3.DRAFTER_DIR, QWEN3_COMMON_ARGS, "qwen3_plain"),
     # SGLang's Kimi-Linear on CPU: radix caching of linear state needs no_buffer (see test_kimi_server)
-    "kimi": Pair(tiny_pair.TARGET_DIR, tiny_pair.DRAFTER_DIR, ("--disable-radix-cache",)),
+    "kimi": Pair(tiny_pair.TARGET_DIR, tiny_pair.DRAFTER_DIR, KIMI_COMMON_ARGS + ("--disable-radix-cache",),
+                 "kimi_plain"),
 }
 
 
@@ -70,18 +72,14 @@ def _prompts() -> list[list[int]]:
 PROMPTS = _prompts()
 
 
-def _serve(root: Path, pair: Pair, name: str, extra: tuple[str, ...]) -> dict:
-    """Start a server, answer PROMPTS (4 at a time, greedy), stop it."""
-    srv = Server(pair.target, root / f"{name}.log", COMMON_ARGS + pair.extra + extra)
-    try:
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(4) as pool:
-            answers = list(pool.map(lambda ids: srv.generate(ids, MAX_NEW)[0], PROMPTS))
-        print(f"\n{name}: start-up {srv.startup_s:.1f} s, {len(PROMPTS)} requests {time.perf_counter() - t0:.1f} s")
-        assert not srv.tracebacks(), srv.tracebacks()[0]
-        return {"answers": answers, "log": srv.log.read_text(errors="replace")}
-    finally:
-        srv.stop()
+def _answer(srv: Server, name: str) -> dict:
+    """PROMPTS answered greedily, 4 at a time, and the server's log."""
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda ids: srv.generate(ids, MAX_NEW)[0], PROMPTS))
+    print(f"\n{name}: start-up {srv.startup_s:.1f} s, {len(PROMPTS)} requests {time.perf_counter() - t0:.1f} s")
+    assert not srv.tracebacks(), srv.tracebacks()[0]
+    return {"answers": answers, "log": srv.log.read_text(errors="replace")}
 
 
 def _load(pair_name: str):
@@ -107,10 +105,12 @@ def _walks(pair_name: str, continuations: list[list[int]]) -> dict[str, list[lis
 def served(request, tmp_path_factory):
     """(pair name, {server name: what it answered}, the walks over the plain answers)."""
     name, pair = request.param, PAIRS[request.param]
-    root = tmp_path_factory.mktemp(f"fp8-{name}")
-    runs = {"plain": _serve(root, pair, "plain", ()),
-            "default": _serve(root, pair, "dflash-default", pair.spec())}
-    runs["fp8"] = _serve(root, pair, "dflash-fp8", pair.spec() + FP8)
+    runs = {"plain": _answer(request.getfixturevalue(pair.plain), f"{name} plain")}
+    srv = Server(pair.target, tmp_path_factory.mktemp(f"fp8-{name}") / "server.log", pair.args + pair.spec() + FP8)
+    try:
+        runs["fp8"] = _answer(srv, f"{name} dflash-fp8")
+    finally:
+        srv.stop()
     walks = _walks(name, [a["output_ids"] for a in runs["plain"]["answers"]])
     return name, runs, walks
 
@@ -153,9 +153,7 @@ def test_verify_counts_equal_the_fp8_teacher_forced_walk(served):
     name, runs, walks = served
     tau = {k: acceptance_stats([n for lens in w for n in lens], BLOCK).tau for k, w in walks.items()}
     print(f"\n{name}: teacher-forced tau, default pool {tau['default']:.3f}, fp8 pool {tau['fp8']:.3f}; "
-          f"server accept length (prefill token included), default {_served_tau(runs['default']['answers']):.3f}, "
-          f"fp8 {_served_tau(runs['fp8']['answers']):.3f}")
+          f"fp8 server accept length (prefill token included) {_served_tau(runs['fp8']['answers']):.3f}")
     assert walks["fp8"] != walks["default"], f"{name}: the prompts do not tell fp8 from float drafting"
     _assert_counts_are_the_walk(f"{name} fp8", runs["fp8"]["answers"], walks["fp8"])
-    _assert_counts_are_the_walk(f"{name} default", runs["default"]["answers"], walks["default"])
     assert tau["fp8"] >= 2.5, f"{name}: the fp8 pool should keep the bundled drafter well above chance"

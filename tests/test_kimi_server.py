@@ -2,9 +2,9 @@
 
 The bundled tiny Kimi-Linear target (KDA + absorbed MLA + MoE, served by SGLang 0.5.23's
 ``KimiLinearForCausalLM`` with the dev shims of ``sglang_dflash.dev.kimi_shims``) and the
-tiny DFlash drafter, fp32. One plain server answers everything first and is stopped;
-then one DFlash server per way of committing the KDA state after a verify, each alone on
-the machine:
+tiny DFlash drafter, fp32. The session's plain server (``plain_servers``) answers
+everything first; then one DFlash server per way of committing the KDA state after a
+verify, one at a time beside the idle plain server:
 
 - ``intermediate``: SGLang's verify keeps every block step's state and scatters the
   accepted one (the default), with the mamba pool capped at 6 slots;
@@ -35,6 +35,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from plain_servers import KIMI_COMMON_ARGS, KIMI_CTX
 from sglang_env import require_sglang
 
 from sglang_dflash.dev.server import Server
@@ -46,10 +47,8 @@ pytestmark = pytest.mark.slow
 BLOCK = 16
 CONCURRENCY = 8
 MAX_NEW = 40  # not a multiple of the block: a last step cut by max_new_tokens
-CTX = 512  # short, so that requests reach the context length cheaply
-COMMON_ARGS = ("--max-total-tokens", "8192", "--max-running-requests", "16", "--sleep-on-idle",
-               "--context-length", str(CTX))
-PLAIN_ARGS = ("--disable-radix-cache",)
+CTX = KIMI_CTX
+COMMON_ARGS = KIMI_COMMON_ARGS  # the session's plain server has these + --disable-radix-cache
 SPEC_ARGS = ("--speculative-algorithm", "dflash", "--speculative-draft-model-path", str(DRAFTER_DIR))
 CONFIGS = {
     "intermediate": ("--disable-radix-cache", "--max-mamba-cache-size", "6"),
@@ -155,22 +154,19 @@ def log_problems(text: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def plain(tmp_path_factory):
-    """Everything the plain server answers, then its leak state; the server is stopped."""
-    srv = Server(TARGET_DIR, tmp_path_factory.mktemp("plain") / "server.log", COMMON_ARGS + PLAIN_ARGS)
-    try:
-        out = {"startup_s": srv.startup_s, "before": flushed_state(srv)}
-        t0 = time.perf_counter()
-        out["greedy"] = generate_all(srv, PROMPTS, MAX_NEW)
-        out["greedy_s"] = time.perf_counter() - t0
-        out["prefix"] = generate_all(srv, PREFIX_PROMPTS, MAX_NEW)
-        out["completions"] = [completion(srv, p, **{"max_tokens": 48, **extra}) for p, extra in STOP_CASES]
-        out["chats"] = [chat(srv, c) for c in CHATS]
-        out["near_context"] = answer_all(srv, NEAR_CONTEXT)
-        out["after"] = flushed_state(srv)
-        out["log"] = srv.log.read_text(errors="replace")
-    finally:
-        srv.stop()
+def plain(kimi_plain):
+    """Everything the session's plain server answers, then its leak state."""
+    srv = kimi_plain
+    out = {"startup_s": srv.startup_s, "before": flushed_state(srv)}
+    t0 = time.perf_counter()
+    out["greedy"] = generate_all(srv, PROMPTS, MAX_NEW)
+    out["greedy_s"] = time.perf_counter() - t0
+    out["prefix"] = generate_all(srv, PREFIX_PROMPTS, MAX_NEW)
+    out["completions"] = [completion(srv, p, **{"max_tokens": 48, **extra}) for p, extra in STOP_CASES]
+    out["chats"] = [chat(srv, c) for c in CHATS]
+    out["near_context"] = answer_all(srv, NEAR_CONTEXT)
+    out["after"] = flushed_state(srv)
+    out["log"] = srv.log.read_text(errors="replace")
     return out
 
 

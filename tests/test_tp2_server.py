@@ -43,16 +43,12 @@ def generate_all(server: Server) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, qwen3_plain):
     """(tp 1 plain answers, tp 2 DFlash answers, the tp 2 server, still running)."""
     from sglang_dflash.reference.tiny_qwen3 import TARGET_DIR
 
     root = tmp_path_factory.mktemp("tp2")
-    plain = Server(TARGET_DIR, root / "plain.log", COMMON_ARGS)
-    try:
-        base = generate_all(plain)
-    finally:
-        plain.stop()
+    base = generate_all(qwen3_plain)  # the session's tp 1 plain server (plain_servers)
     spec = Server(TARGET_DIR, root / "dflash-tp2.log", COMMON_ARGS + SPEC_ARGS + ("--tp-size", "2"),
                   env=cpu_tp_env(2))
     try:

@@ -1,7 +1,7 @@
 """Verify width W through a real `sglang serve` on CPU (bundled tiny Qwen3 pair, block 16).
 
-One server at a time: the plain server answers the prompts first, then one DFlash server
-per W (``--speculative-num-draft-tokens W``): W = 4 with the overlap scheduler, W = 8
+The session's plain server (``plain_servers``) answers the prompts first, then one DFlash
+server per W (``--speculative-num-draft-tokens W``): W = 4 with the overlap scheduler, W = 8
 without it. Each must give the plain server's greedy tokens, take exactly the
 teacher-forced walk's steps for "draft 16, verify W", report W in ``/server_info`` with
 its acceptance counts (``dflash_acceptance``), and answer sampled requests beside
@@ -15,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from plain_servers import QWEN3_COMMON_ARGS
 from sglang_env import require_sglang
 
 from sglang_dflash.dev.server import Server
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.slow
 from sglang_dflash.reference.tiny_qwen3 import DRAFTER_DIR, TARGET_DIR  # noqa: E402
 
 BLOCK = 16
-COMMON_ARGS = ("--max-total-tokens", "8192", "--max-running-requests", "16", "--sleep-on-idle")
+COMMON_ARGS = QWEN3_COMMON_ARGS
 MAX_NEW = 40
 WIDTHS = {4: (), 8: ("--disable-overlap-schedule",)}
 
@@ -57,9 +58,8 @@ def serve(tmp_path_factory, name: str, extra: tuple[str, ...], work):
 
 
 @pytest.fixture(scope="module")
-def plain(tmp_path_factory):
-    outputs, _ = serve(tmp_path_factory, "plain", (), lambda srv: generate_all(srv, PROMPTS, MAX_NEW))
-    return outputs
+def plain(qwen3_plain):
+    return generate_all(qwen3_plain, PROMPTS, MAX_NEW)
 
 
 @pytest.fixture(scope="module", params=sorted(WIDTHS), ids=lambda w: f"W{w}")
