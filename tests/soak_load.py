@@ -26,7 +26,8 @@ MAX_PROMPT = CONTEXT - 7
 DRAFTER_POSITIONS = 512
 CONCURRENCY = 12
 TIMEOUT_S = 180
-EDGE_MAX_NEW = (1, 2, 15, 16, 17)
+# around the verify width (6) and the draft block (16)
+EDGE_MAX_NEW = (1, 2, 5, 6, 7, 15, 16, 17)
 # kinds whose greedy output must equal the plain server's, token for token
 GREEDY_KINDS = ("generate", "stream", "logprobs", "stop_str", "stop_ids", "n_greedy", "penalty",
                 "min_new", "completion", "chat", "long_prompt", "context_end")

@@ -1,6 +1,7 @@
 """Soak: a seeded mixed load of ~350 requests through a plain and a DFlash CPU server.
 
-The tiny Qwen3 pair, one server after the other, the same requests in the same order,
+The tiny Qwen3 pair, the DFlash server verifying W = 6 of the drafter's 16-block, one
+server after the other, the same requests in the same order,
 ``soak_load.CONCURRENCY`` at a time (the kinds: ``soak_load.KINDS``). Oracle:
 
 - every greedy request's answer (token ids or text, finish reason, logprobs) equals the
@@ -13,7 +14,8 @@ The tiny Qwen3 pair, one server after the other, the same requests in the same o
   a flush no KV slot is held; no traceback and no leak report in either log (SGLang's idle
   check covers the request slots and, on hybrid targets, the state slots).
 
-The plain server runs with ``--disable-overlap-schedule``: with overlap on, SGLang's plain
+The plain server is the session's (``plain_servers``), which runs with
+``--disable-overlap-schedule``: with overlap on, SGLang's plain
 server feeds its penalizers the output one token late (``ScheduleBatch.
 cumulate_penalty_output_tokens`` reads ``req.output_ids`` before the last step is
 processed), so its penalised answers are not the definition that the DFlash worker
@@ -31,6 +33,7 @@ from collections import Counter, defaultdict
 
 import pytest
 from soak_load import GREEDY_KINDS, KINDS, Case, Outcome, run_cases, soak_cases
+from plain_servers import QWEN3_COMMON_ARGS
 from sglang_env import require_sglang
 
 from sglang_dflash.dev.server import Server
@@ -41,9 +44,10 @@ pytestmark = pytest.mark.slow
 from sglang_dflash.reference.tiny_pair import EOS, VOCAB_SIZE  # noqa: E402
 from sglang_dflash.reference.tiny_qwen3 import DRAFTER_DIR, TARGET_DIR  # noqa: E402
 
-ARGS = ("--max-total-tokens", "16384", "--max-running-requests", "16", "--sleep-on-idle")
-PLAIN_ARGS = ("--disable-overlap-schedule",)  # the penalties' definition (docstring)
-SPEC_ARGS = ("--speculative-algorithm", "dflash", "--speculative-draft-model-path", str(DRAFTER_DIR))
+# verify width 6 of the 16-block, as the shipped low-concurrency H200 config: every request
+# kind through W < L (test_exactness_server and test_dflash_server run W = 16)
+SPEC_ARGS = ("--speculative-algorithm", "dflash", "--speculative-draft-model-path", str(DRAFTER_DIR),
+             "--speculative-num-draft-tokens", "6")
 LOGPROB_TOL = 1e-4
 
 
@@ -142,20 +146,21 @@ def soak(server: Server, cases: list[Case]) -> tuple[list[Outcome], dict]:
         return outcomes, {"alive": False}
 
 
-def run_server(tmp_path_factory, name: str, extra: tuple[str, ...], cases: list[Case]):
-    srv = Server(TARGET_DIR, tmp_path_factory.mktemp(name) / "server.log", ARGS + extra)
-    try:
-        outcomes, after = soak(srv, cases)
-    finally:
-        srv.stop()
+def soaked(srv: Server, cases: list[Case]):
+    """(outcomes, the server's state after them, its log)."""
+    outcomes, after = soak(srv, cases)
     return outcomes, {**after, "tracebacks": srv.tracebacks()}, srv.log.read_text(errors="replace")
 
 
-def test_soak_plain_vs_dflash(tmp_path_factory):
+def test_soak_plain_vs_dflash(tmp_path_factory, qwen3_plain):
     cases = soak_cases()
     assert len(cases) >= 300 and {c.kind for c in cases} == set(KINDS)
-    plain, plain_after, plain_log = run_server(tmp_path_factory, "soak-plain", PLAIN_ARGS, cases)
-    ours, ours_after, ours_log = run_server(tmp_path_factory, "soak-dflash", SPEC_ARGS, cases)
+    plain, plain_after, plain_log = soaked(qwen3_plain, cases)
+    srv = Server(TARGET_DIR, tmp_path_factory.mktemp("soak-dflash") / "server.log", QWEN3_COMMON_ARGS + SPEC_ARGS)
+    try:
+        ours, ours_after, ours_log = soaked(srv, cases)
+    finally:
+        srv.stop()
     assert "DFlash worker: drafter" in ours_log, "the plugin's worker did not start"
 
     misses = {i: why for i, (c, p, o) in enumerate(zip(cases, plain, ours)) if (why := mismatch(c, p, o))}
