@@ -84,9 +84,11 @@ def test_greedy_lossless_with_triton_kernels(torch_pair, plain):
     """Every op through its Triton kernel (interpreter on CPU): the plain tokens, and the
     same blocks as the torch twins."""
     target, drafter, ops = torch_pair
-    params = [SamplingParams(max_new_tokens=16)] * len(PROMPTS)
-    reference = generate_dflash(target, drafter, PROMPTS, params, ops)
+    # three prompts: the interpreter is slow, and the Kimi server test serves all six this way
+    prompts = PROMPTS[:3]
+    params = [SamplingParams(max_new_tokens=16)] * len(prompts)
+    reference = generate_dflash(target, drafter, prompts, params, ops)
     t_target, t_drafter, t_ops = _pair("triton")
-    fast = generate_dflash(t_target, t_drafter, PROMPTS, params, t_ops)
-    assert [r.tokens for r in fast] == [p.tokens[:16] for p in plain]
+    fast = generate_dflash(t_target, t_drafter, prompts, params, t_ops)
+    assert [r.tokens for r in fast] == [p.tokens[:16] for p in plain[:3]]
     assert [r.commit_lens for r in fast] == [r.commit_lens for r in reference]
