@@ -8,6 +8,7 @@ cores run about ten times slower than with one thread each.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -22,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 START_TIMEOUT_S = 400
+PORT_RETRIES = 2  # fresh ports tried when another process took the chosen one first
 DEFAULT_THREADS = "1"
 # With --skip-server-warmup, SGLang 0.5.23 posts /freeze_gc before uvicorn listens and logs
 # the refused connection with its traceback: harmless, and the only traceback a healthy
@@ -59,21 +61,31 @@ class Server:
 
     def __init__(self, model: Path, log: Path, extra_args: tuple[str, ...] = (),
                  env: dict[str, str] | None = None, wait: bool = True):
-        self.model, self.port, self.log = model, free_port(), log
-        cmd = [sys.executable, "-m", "sglang_dflash.dev.cpu_shims", "serve", "--model-path", str(model),
-               "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32",
-               "--skip-server-warmup", *extra_args]
-        full_env = {"OMP_NUM_THREADS": DEFAULT_THREADS, **os.environ, **(env or {})}
-        self.t0 = time.perf_counter()
-        self.startup_s: float | None = None
-        self.proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                                     start_new_session=True, env=full_env)
+        self.model, self.log, self.extra_args = model, log, extra_args
+        self.env = {"OMP_NUM_THREADS": DEFAULT_THREADS, **os.environ, **(env or {})}
+        self._launch()
         if wait:
             try:
                 self.wait_healthy()
             except BaseException:
                 self.stop()
                 raise
+
+    def _launch(self) -> None:
+        self.port = free_port()
+        cmd = [sys.executable, "-m", "sglang_dflash.dev.cpu_shims", "serve", "--model-path", str(self.model),
+               "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32",
+               "--skip-server-warmup", *self.extra_args]
+        self.t0 = time.perf_counter()
+        self.startup_s: float | None = None
+        self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
+                                     start_new_session=True, env=self.env)
+
+    def _lost_port_race(self) -> bool:
+        """The HTTP port was free when chosen, but taken before SGLang bound it (SGLang picks
+        its internal ports, and binds the HTTP port last, after start-up)."""
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return f"error while attempting to bind on address ('127.0.0.1', {self.port})" in text
 
     def url(self, path: str = "") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -92,10 +104,18 @@ class Server:
         return ok
 
     def wait_healthy(self, timeout: float = START_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
+        deadline, retries = time.monotonic() + timeout, PORT_RETRIES
         while time.monotonic() < deadline:
-            if self.healthy():
-                return
+            try:
+                if self.healthy():
+                    return
+            except ServerExited:
+                if not (retries and self._lost_port_race()):
+                    raise
+                retries -= 1
+                with contextlib.suppress(ProcessLookupError):  # whatever of it is left
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self._launch()
             time.sleep(1.0)
         raise AssertionError(f"server not healthy after {timeout} s:\n{self.log_tail()}")
 
