@@ -23,7 +23,7 @@ Writes OUT/verify_cost.json (rows of layer, B, W, tokens, ms), which
 only torch and triton. ``--shapes tiny`` runs small shapes (CPU tests).
 
     python benchmarks/verify_cost.py --out out/verify_cost              # GPU
-    python benchmarks/verify_cost.py --shapes tiny --batch 1,2 --widths 1,3 --out /tmp/vc
+    python benchmarks/verify_cost.py --shapes tiny --batch 1,2 --widths 1,3 --out out/verify_cost_tiny
 """
 
 from __future__ import annotations
