@@ -22,7 +22,8 @@ from sglang.srt.speculative.spec_utils import GrammarTree, build_grammar_vocab_m
 from ..kernels.draft_attention import sm_count
 from .draft_graph import CudaGraphCapture, DraftParts, DraftRunner
 from .history import OutputHistory
-from .logits import apply_custom_processors, block_penalties, history_frequency, penalise_block
+from .logits import (apply_custom_processors, block_penalties, history_frequency, penalise_block,
+                     reads_output_history)
 from .settings import WorkerConfig, read_server_settings, worker_config
 from .stats import AcceptanceCounter
 from .steps import (
@@ -333,8 +334,7 @@ class DFlashWorker(BaseSpecWorker):
     def _start_history(self, batch, out) -> None:
         """A new output history for each request of an extend batch (worker/history.py)."""
         reqs = batch.reqs
-        penalised = any(p.frequency_penalty or p.presence_penalty or p.repetition_penalty != 1.0
-                        for p in (r.sampling_params for r in reqs))
+        penalised = any(reads_output_history(r.sampling_params) for r in reqs)
         frequency = torch.tensor([r.sampling_params.frequency_penalty for r in reqs], dtype=torch.float32)
         # a penalised request comes with SGLang's sampling info, which knows the vocabulary
         vocab = batch.sampling_info.vocab_size if penalised else 0

@@ -66,6 +66,12 @@ def _stop_ids(req) -> set[int]:
     return {i for i in ids if i is not None}
 
 
+def reads_output_history(params) -> bool:
+    """Whether a request's penalties depend on its output so far (frequency, presence,
+    repetition): such a request needs the history tables of ``OutputHistory``."""
+    return bool(params.frequency_penalty or params.presence_penalty or params.repetition_penalty != 1.0)
+
+
 def block_penalties(reqs, vocab: int, device) -> BlockPenalties | None:
     """The penalties of a batch's requests, or None when none asks for any (the common case)."""
     params = [r.sampling_params for r in reqs]
@@ -74,7 +80,7 @@ def block_penalties(reqs, vocab: int, device) -> BlockPenalties | None:
     rep = [p.repetition_penalty for p in params]
     # a row already at its minimum output (the host count only lags the device's) needs no mask
     min_new = [p.min_new_tokens if p.min_new_tokens > len(r.output_ids) else 0 for p, r in zip(params, reqs)]
-    if not (any(freq) or any(pres) or any(x != 1.0 for x in rep) or any(min_new)):
+    if not (any(map(reads_output_history, params)) or any(min_new)):
         return None
 
     def row_tensor(values, dtype, used):
